@@ -1,0 +1,1 @@
+"""The build engine: context, sandbox, snapshots, store, images, CLI (every side effect)."""

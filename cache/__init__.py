@@ -1,0 +1,1 @@
+"""Layer cache: step keys, content digests, the key -> layer index, miss explanations."""

@@ -22,6 +22,7 @@ from grammar.errors import PybuildError
 DIRECTIVE_RE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$")
 KNOWN_DIRECTIVES = frozenset({"syntax", "escape", "check"})
 WHITESPACE_RE = re.compile(r"[\t\v\f\r ]+")
+SIMPLE_FLAGS_RE = re.compile(r"((?:--[^\s'\"\\]*(?:[ \t]+|$))*)(?=[^-'\"\\]|-[^-]|$)")
 HEREDOC_RE = re.compile(r"^(\d*)<<(-?)([^<]*)$")
 BOM = "\ufeff"
 
@@ -38,6 +39,8 @@ ARG_FORMS: dict[str, str] = {
     "onbuild": "subcommand",
 }
 HEREDOC_INSTRUCTIONS = frozenset({"add", "copy", "run"})
+# Keyword token types (their payload is (LineSpan, flags)).
+ARG_FORM_TYPES = frozenset(k.upper() for k in ARG_FORMS) | {"UNKNOWN", "ONBUILD_EMPTY"}
 
 
 class PayloadToken(Token):
@@ -98,6 +101,15 @@ def split_command(line: str) -> tuple[str, list[str], str]:
     parts = WHITESPACE_RE.split(line.strip(), maxsplit=1)
     if len(parts) < 2:
         return parts[0], [], ""
+    if "--" not in parts[1]:
+        return parts[0], [], parts[1].strip()
+    simple = SIMPLE_FLAGS_RE.match(parts[1])
+    if simple:  # no quotes or backslashes in the flags: a plain split gives the same words
+        flags = simple.group(1).split()
+        rest = parts[1][simple.end():]
+        if flags and flags[-1] == "--":
+            flags.pop()
+        return parts[0], flags, rest.strip()
     rest, flags = extract_flags(parts[1])
     return parts[0], flags, rest.strip()
 
@@ -150,6 +162,8 @@ def extract_flags(line: str) -> tuple[str, list[str]]:
 
 def parse_words(rest: str, escape: str) -> list[str]:
     """Quote-aware split keeping quotes and escapes (BuildKit's parseWords, for ENV/LABEL/ARG)."""
+    if "'" not in rest and '"' not in rest and escape not in rest:
+        return rest.split()
     words: list[str] = []
     buf: list[str] = []
     quote = ""
@@ -340,12 +354,12 @@ class DockerfileLexer(Lexer):
 class Scanner:
     """Does the line work for one file, then emits per-instruction tokens.
 
-    Token stream per logical line::
+    Token stream per logical line (few tokens: the LALR driver costs per token)::
 
-        KEYWORD FLAG* <args by ARG_FORMS> HEREDOC* EOL
+        KEYWORD [JSON | STRING | WORDS | PAIRS | HEALTH_TYPE ...] HEREDOC*
 
-    ``EOL`` carries the instruction's LineSpan; JSON and HEREDOC tokens carry
-    decoded payloads. ONBUILD emits its trigger's tokens inline. After the scan,
+    The keyword token carries the instruction's LineSpan and flags, the others
+    their decoded values. ONBUILD emits its trigger's tokens right after it. After the scan,
     `directives` and `warnings` hold what was found.
     """
 
@@ -416,7 +430,8 @@ class Scanner:
             logical = "".join(pieces)
             seen_instruction = True
             pending: list[Token] = []
-            heredoc_owner = self.instruction_tokens(logical, start, lineno, pending)
+            span = LineSpan(start, lineno, logical)
+            heredoc_owner = self.instruction_tokens(logical, span, pending)
             if heredoc_owner is not None and "<<" in logical:
                 try:
                     markers = heredoc_markers(heredoc_owner)
@@ -440,69 +455,74 @@ class Scanner:
                         raise ParseError(
                             f"unterminated heredoc: no line '{name}' closes the <<{name} started here",
                             start, logical, self.filename)
-                    pending.append(payload_token("HEREDOC", name, Heredoc(name, "".join(body), expand, chomp, fd), start))
+                    pending.append(payload_token("HEREDOC", name, Heredoc(name, "".join(body), expand, chomp, fd),
+                                                 start))
+                if lineno != span.end:
+                    span = LineSpan(start, lineno, logical)
+                    for token in pending:
+                        if token.type in ARG_FORM_TYPES:
+                            token.payload = (span, token.payload[1])
             yield from pending
-            yield payload_token("EOL", "", LineSpan(start, lineno, logical), start, lineno)
 
     # -- one logical line -> tokens --------------------------------------------------
 
-    def instruction_tokens(self, line: str, start: int, end: int, out: list[Token]) -> str | None:
+    def instruction_tokens(self, line: str, span: LineSpan, out: list[Token]) -> str | None:
         """Append the tokens of one instruction; return the text to search for heredocs, if any."""
         keyword, flags, rest = split_command(line)
         lower = keyword.lower()
         kind = ARG_FORMS.get(lower)
-        out.append(payload_token(lower.upper() if kind else "UNKNOWN", keyword, None, start, end))
-        for flag in flags:
-            out.append(Token("FLAG", flag, line=start))
+        if kind == "subcommand" and not rest:
+            lower = "onbuild_empty"
+        out.append(payload_token(lower.upper() if kind else "UNKNOWN", keyword, (span, flags), span.start, span.end))
         if kind is None:
             return None
         try:
-            return self.argument_tokens(lower, kind, rest, start, end, out)
+            return self.argument_tokens(lower, kind, rest, span, out)
         except ValueError as exc:
-            raise ParseError(str(exc), start, line, self.filename) from None
+            raise ParseError(str(exc), span.start, line, self.filename) from None
 
-    def argument_tokens(self, lower: str, kind: str, rest: str, start: int, end: int, out: list[Token]) -> str | None:
+    def argument_tokens(self, lower: str, kind: str, rest: str, span: LineSpan, out: list[Token]) -> str | None:
         escape = self.directives.escape
-        heredoc_capable = lower in HEREDOC_INSTRUCTIONS
+        line = span.start
         if kind == "subcommand":
-            if not rest:
-                return None
-            return self.instruction_tokens(rest, start, end, out)
+            return self.instruction_tokens(rest, span, out) if rest else None
         if kind in ("json_or_string", "json_or_words"):
             if kind == "json_or_words" or rest:
                 items = parse_json_array(rest)
                 if items is not None:
-                    out.append(payload_token("JSON", rest, items, start))
+                    out.append(payload_token("JSON", rest, items, line))
                     return None
             if kind == "json_or_string":
                 if rest:
-                    out.append(Token("STRING", rest, line=start))
-            else:
-                out.extend(Token("WORD", w, line=start) for w in go_fields(rest))
-            return rest if heredoc_capable else None
+                    out.append(payload_token("STRING", rest, [rest], line))
+            elif rest:
+                out.append(payload_token("WORDS", rest, go_fields(rest), line))
+            return rest if lower in HEREDOC_INSTRUCTIONS else None
         if kind == "words":
-            out.extend(Token("WORD", w, line=start) for w in go_fields(rest))
+            if rest:
+                out.append(payload_token("WORDS", rest, go_fields(rest), line))
         elif kind == "quoted_words":
-            out.extend(Token("WORD", w, line=start) for w in parse_words(rest, escape))
+            words = parse_words(rest, escape)
+            if words:
+                out.append(payload_token("WORDS", rest, words, line))
         elif kind == "string":
             if rest:
-                out.append(Token("STRING", rest, line=start))
+                out.append(payload_token("STRING", rest, [rest], line))
         elif kind == "pairs":
-            for key, value, sep in parse_pairs(rest, lower, escape):
-                out.append(Token("KEY", key, line=start))
-                out.append(Token("VALUE", value, line=start))
-                out.append(Token("SEP", sep, line=start))
+            pairs = parse_pairs(rest, lower, escape)
+            if pairs:
+                out.append(payload_token("PAIRS", rest, [part for pair in pairs for part in pair], line))
         elif kind == "health":
             fields = rest.split(None, 1) if rest and not rest[0].isspace() else []
             if fields:
-                out.append(Token("HEALTH_TYPE", fields[0], line=start))
+                out.append(payload_token("HEALTH_TYPE", fields[0], [fields[0]], line))
                 cmd = rest[len(fields[0]):].lstrip()
                 if cmd:
                     items = parse_json_array(cmd)
                     if items is not None:
-                        out.append(payload_token("JSON", cmd, items, start))
+                        out.append(payload_token("JSON", cmd, items, line))
                     else:
-                        out.append(Token("STRING", cmd, line=start))
+                        out.append(payload_token("STRING", cmd, [cmd], line))
         return None
 
 

@@ -61,75 +61,37 @@ class _ToNodes(Transformer):
     """Lark callbacks (run inline by the LALR parser, so no tree is built)."""
 
     def start(self, children):
-        return list(children)
-
-    def line(self, children):
-        node, eol = children
-        span: LineSpan = eol.payload
-        return _with_span(node, span)
-
-    def flags(self, children):
-        return tuple(str(c) for c in children)
-
-    def words(self, children):
-        return (tuple(str(c) for c in children), False)
-
-    def string(self, children):
-        return (tuple(str(c) for c in children), False)
-
-    def list(self, children):
-        return self.exec_or_shell(children)
-
-    def exec_or_shell(self, children):
-        if children and children[0].type == "JSON":
-            return (tuple(children[0].payload), True)
-        return (tuple(str(c) for c in children), False)
-
-    def pairs(self, children):
-        return (tuple(str(c) for c in children), False)
-
-    def heredocs(self, children):
-        return tuple(c.payload for c in children)
+        return children
 
     def _instruction(self, children):
-        keyword, flags, *rest = children
-        args: tuple[str, ...] = ()
+        keyword, *rest = children
+        span: LineSpan = keyword.payload[0]
+        flags = tuple(keyword.payload[1])
+        args: list[str] = []
         is_json = False
-        heredocs: tuple[Heredoc, ...] = ()
+        heredocs: list[Heredoc] = []
         trigger = None
         for part in rest:
             if isinstance(part, Node):
                 trigger = part
-            elif isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], bool):
-                args, is_json = args + part[0], is_json or part[1]
-            elif isinstance(part, tuple):
-                heredocs = part
-            elif part.type == "HEALTH_TYPE":
-                args = (str(part),) + args
-        return Node(str(keyword), flags, args, is_json, trigger, heredocs)
+            elif part.type == "HEREDOC":
+                heredocs.append(part.payload)
+            else:
+                args.extend(part.payload)
+                is_json = is_json or part.type == "JSON"
+        return Node(str(keyword), flags, tuple(args), is_json, trigger, tuple(heredocs),
+                    span.start, span.end, span.original)
 
     from_ = run = cmd = entrypoint = shell = add = copy = volume = _instruction
     env = label = arg = expose = maintainer = stopsignal = user = workdir = _instruction
-    onbuild = unknown = _instruction
-
-    def healthcheck(self, children):
-        keyword, flags, *rest = children
-        if not rest:
-            return Node(str(keyword), flags)
-        htype, (cmd, is_json) = rest
-        return Node(str(keyword), flags, (str(htype),) + cmd, is_json)
-
-
-def _with_span(node: Node, span: LineSpan) -> Node:
-    trigger = _with_span(node.trigger, span) if node.trigger else None
-    return Node(node.keyword, node.flags, node.args, node.json, trigger, node.heredocs,
-                span.start, span.end, span.original)
+    onbuild = unknown = healthcheck = _instruction
 
 
 @functools.lru_cache(maxsize=1)
 def _lark() -> Lark:
+    # cache=True keeps the compiled LALR tables in the temp dir: start-up matters for a CLI.
     return Lark(GRAMMAR.read_text(), parser="lalr", lexer=DockerfileLexer, transformer=_ToNodes(),
-                maybe_placeholders=False)
+                maybe_placeholders=False, cache=True)
 
 
 def parse(text: str | bytes, filename: str = "Dockerfile") -> ParseResult:
@@ -164,7 +126,7 @@ def parse_file(path: str | Path) -> ParseResult:
         raise PybuildError(f"Dockerfile not found: {path} (use -f to name another file)") from None
     except IsADirectoryError:
         raise PybuildError(f"{path} is a directory, not a Dockerfile (use -f to name the file)") from None
-    return parse(data, path.name)
+    return parse(data, str(path))
 
 
 # -- the reference S-expression dump ---------------------------------------------------

@@ -99,5 +99,275 @@ def outline(dockerfile: Path, target: str | None, build_args: tuple[str, ...], a
     click.echo(f"target: {info['target']}")
 
 
+# -- the engine's commands ----------------------------------------------------------------
+
+def open_store(root: str | None):
+    """The store at --root, $PYBUILD_ROOT or the default location."""
+    import os
+
+    from builder.store import Store, default_root
+
+    path = Path(root or os.environ.get("PYBUILD_ROOT") or default_root())
+    return Store.open(path)
+
+
+root_option = click.option("--root", envvar="PYBUILD_ROOT", default=None, metavar="DIR",
+                           help="Store location (default /var/lib/pybuild for root).")
+
+
+def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        if not key or not eq:
+            raise PybuildError(f"invalid {flag} {item!r}: use KEY=value")
+        out[key] = value
+    return out
+
+
+@main.command()
+@click.argument("context", default=".")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]", help="Name the image (repeatable).")
+@click.option("-f", "--file", "dockerfile", default=None, metavar="FILE",
+              help="The Dockerfile (default: CONTEXT/Dockerfile).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="K=V", help="A build arg value (repeatable).")
+@click.option("--target", default=None, help="Build up to this stage.")
+@click.option("--no-cache", is_flag=True, help="Do not reuse earlier results.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Add a label to the image (repeatable).")
+@click.option("--iidfile", default=None, type=click.Path(dir_okay=False), help="Write the image id here.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "plain", "tty", "quiet"]), default="auto",
+              help="How to show progress (on stderr).")
+@click.option("--network", type=click.Choice(["host", "none", "default"]), default="host",
+              help="Network for RUN steps (default host).")
+@root_option
+def build(context: str, tags, dockerfile, build_args, target, no_cache, labels, iidfile, quiet, progress_mode,
+          network, root) -> None:
+    """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
+    import shutil
+    import tempfile
+
+    from builder.build import Builder, BuildRequest
+    from builder.image import parse_reference
+    from builder.progress import Progress
+
+    for tag in tags:
+        parse_reference(tag)  # reject bad names before doing any work
+    store = open_store(root)
+    cleanup = None
+    try:
+        if context == "-":
+            from builder.context import BuildContext
+
+            cleanup = tempfile.mkdtemp(prefix="pybuild-stdin-", dir=store.root / "tmp")
+            ctx = BuildContext.from_tar(sys.stdin.buffer, cleanup)
+            context_dir = Path(ctx.root)
+        else:
+            context_dir = Path(context)
+            if not context_dir.is_dir():
+                raise PybuildError(f"context {context!r} is not a directory (give a directory, or - for a tar on stdin)")
+        dockerfile_path = Path(dockerfile) if dockerfile else context_dir / "Dockerfile"
+        request = BuildRequest(context=context_dir, dockerfile=dockerfile_path, tags=tags,
+                               build_args=parse_build_args(build_args), target=target,
+                               labels=parse_key_values(labels, "--label"), no_cache=no_cache,
+                               network="host" if network == "default" else network)
+        progress = Progress("quiet" if quiet else progress_mode)
+        image = Builder(store, progress).build(request)
+    finally:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    if iidfile:
+        Path(iidfile).write_text(image.id)
+    if quiet:
+        click.echo(image.id)
+    else:
+        click.echo(f"writing image {image.id}", err=True)
+        for name in image_names(store, image):
+            click.echo(f"naming to {name}", err=True)
+
+
+def image_names(store, image) -> list[str]:
+    return list(store.get_image(image.id).names)
+
+
+@main.command("import")
+@click.argument("tarball")
+@click.argument("name", required=False)
+@click.option("-c", "--change", "changes", multiple=True, metavar="INSTRUCTION",
+              help="A Dockerfile instruction to apply (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME, WORKDIR).")
+@click.option("-m", "--message", default="", help="History comment.")
+@root_option
+def import_(tarball: str, name: str | None, changes, message: str, root) -> None:
+    """Create an image from a root file system tarball (`-` for stdin), like `docker import`."""
+    from builder.archive import import_rootfs
+    from builder.changes import config_tweak
+
+    store = open_store(root)
+    tweak = config_tweak(changes)
+    if tarball == "-":
+        image = import_rootfs(store, sys.stdin.buffer, name, source="-", message=message, tweak=tweak)
+    else:
+        try:
+            with open(tarball, "rb") as stream:
+                image = import_rootfs(store, stream, name, source=tarball, message=message, tweak=tweak)
+        except FileNotFoundError:
+            raise PybuildError(f"{tarball}: no such file") from None
+    click.echo(image.id)
+
+
+@main.command()
+@click.option("-q", "--quiet", is_flag=True, help="Only image ids.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@root_option
+def images(quiet: bool, fmt: str, root) -> None:
+    """List the images in the store."""
+    store = open_store(root)
+    rows = []
+    for image in store.images():
+        size = sum(store.blob_size(d) for d in image.config.diff_ids if store.has_blob(d))
+        for name in image.names or ("<none>:<none>",):
+            repo, _, tag = name.rpartition(":") if "@" not in name else (name, "", "")
+            rows.append({"repository": repo, "tag": tag, "id": image.id, "created": image.config.created,
+                         "size": size})
+    if quiet:
+        for iid in dict.fromkeys(r["id"] for r in rows):
+            click.echo(iid.split(":")[-1][:12])
+    elif fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(f"{'REPOSITORY':40} {'TAG':15} {'IMAGE ID':14} {'CREATED':22} SIZE")
+        for r in rows:
+            click.echo(f"{r['repository']:40} {r['tag']:15} {r['id'].split(':')[-1][:12]:14} "
+                       f"{r['created'][:19]:22} {human_size(r['size'])}")
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.3g}{unit}" if unit != "B" else f"{int(size)}B"
+        size /= 1000
+    return f"{size}"
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True)
+@root_option
+def inspect(refs, root) -> None:
+    """Show images as JSON (id, names, config, manifest)."""
+    from builder.image import config_to_dict
+
+    store = open_store(root)
+    out = []
+    for ref in refs:
+        image = store.get_image(ref)
+        out.append({"Id": image.id, "RepoTags": list(image.names), "ManifestDigest": image.manifest_digest,
+                    **config_to_dict(image.config)})
+    click.echo(json.dumps(out, indent=2))
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--no-trunc", is_flag=True)
+@root_option
+def history(ref, no_trunc, root) -> None:
+    """Show how an image was built, newest step first."""
+    store = open_store(root)
+    image = store.get_image(ref)
+    diff_ids = list(image.config.diff_ids)
+    rows = []
+    for entry in image.config.history:
+        size = 0
+        if not entry.empty_layer and diff_ids:
+            digest = diff_ids.pop(0)
+            size = store.blob_size(digest) if store.has_blob(digest) else 0
+        rows.append((entry.created[:19], entry.created_by or entry.comment, size))
+    click.echo(f"{'CREATED':20} {'SIZE':>8}  CREATED BY")
+    for created, by, size in reversed(rows):
+        shown = by if no_trunc or len(by) <= 70 else by[:67] + "..."
+        click.echo(f"{created:20} {human_size(size):>8}  {shown}")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@root_option
+def tag(source, target, root) -> None:
+    """Give an image another name."""
+    store = open_store(root)
+    store.tag(store.get_image(source), target)
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True)
+@root_option
+def rmi(refs, root) -> None:
+    """Remove image names; delete the image when no name is left."""
+    store = open_store(root)
+    for ref in refs:
+        removal = store.remove_image(ref)
+        for name in removal.untagged:
+            click.echo(f"Untagged: {name}")
+        for digest in removal.deleted:
+            click.echo(f"Deleted: {digest}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--rm", is_flag=True, help="Remove the container's changes when it exits.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="K=V")
+@click.option("-u", "--user", default=None)
+@click.option("-w", "--workdir", default=None)
+@click.option("--network", type=click.Choice(["host", "none"]), default="host")
+@click.option("--entrypoint", default=None)
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@root_option
+def run(rm, envs, user, workdir, network, entrypoint, ref, command, root) -> None:
+    """Run a command in a container made from an image (same sandbox as RUN)."""
+    from builder.runner import run_container
+
+    store = open_store(root)
+    code = run_container(store, ref, list(command), rm=rm, env=parse_key_values(envs, "--env"), user=user,
+                         workdir=workdir, network=network, entrypoint=entrypoint)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The archive to write.")
+@click.option("--format", "fmt", type=click.Choice(["docker", "oci"]), default="docker",
+              help="docker-archive (docker load) or OCI image layout.")
+@root_option
+def save(refs, output, fmt, root) -> None:
+    """Write images to a tar archive (docker load reads the default format)."""
+    from builder.archive import save_docker_archive, save_oci_archive
+
+    store = open_store(root)
+    writer = save_docker_archive if fmt == "docker" else save_oci_archive
+    tmp = Path(output + ".tmp")
+    with open(tmp, "wb") as out:
+        writer(store, list(refs), out)
+    tmp.replace(output)
+
+
+@main.command()
+@click.option("-i", "--input", "source", default="-", help="The archive (default stdin).")
+@root_option
+def load(source, root) -> None:
+    """Load images from a docker-archive or OCI archive."""
+    from builder.archive import load_archive
+
+    store = open_store(root)
+    if source == "-":
+        names = load_archive(store, sys.stdin.buffer)
+    else:
+        try:
+            with open(source, "rb") as stream:
+                names = load_archive(store, stream)
+        except FileNotFoundError:
+            raise PybuildError(f"{source}: no such file") from None
+    for name in names:
+        click.echo(f"Loaded image: {name}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,490 @@
+"""The build: Dockerfile + context -> stages run in order -> an image in the store.
+
+Metadata instructions change the config (an `empty_layer` history entry);
+RUN runs in the namespace sandbox on an overlay of the parent layers and
+COPY/ADD write through the same overlay, so each step's upper dir *is* the
+new layer. Only the stages the target needs are built.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import copying, sandbox
+from builder.context import BuildContext
+from builder.image import Healthcheck, HistoryEntry, ImageConfig, format_time, host_platform
+from builder.progress import Progress
+from builder.rootfs import in_rootfs, read_text_in_root
+from builder.store import Image, Store
+from builder.users import resolve_user
+from grammar import instructions as ins
+from grammar.dag import PROXY_ARGS, BuildGraph, Scope, Stage, build_graph
+from grammar.errors import PybuildError
+from grammar.parser import parse, parse_file
+from grammar.shell import expand
+
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    context: Path
+    dockerfile: Path
+    tags: tuple[str, ...] = ()
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    no_cache: bool = False
+    network: str = "host"
+
+
+@dataclass
+class StageState:
+    """What a stage has built so far: its config, layers and the variables in scope."""
+
+    stage: Stage
+    config: ImageConfig
+    layers: list[Path]  # unpacked layer dirs, bottom first
+    scope: Scope
+    inherited_cmd: bool = True  # CMD came from the base; ENTRYPOINT then resets it
+
+    @property
+    def lowers(self) -> list[Path]:
+        return list(reversed(self.layers))
+
+
+class Builder:
+    def __init__(self, store: Store, progress: Progress) -> None:
+        self.store = store
+        self.progress = progress
+
+    # -- whole build ------------------------------------------------------------------
+
+    def build(self, request: BuildRequest) -> Image:
+        result = parse_file(request.dockerfile)
+        platform = host_platform()
+        graph = build_graph(result, request.build_args, platform=str(platform),
+                            filename=str(request.dockerfile.name))
+        context = BuildContext.from_dir(request.context, request.dockerfile)
+        target = graph.target(request.target)
+        built: dict[int, StageState] = {}
+        for stage in graph.needed(target):
+            built[stage.index] = self.build_stage(graph, stage, built, context, request)
+        final = built[target.index]
+        config = final.config
+        for key, value in request.labels.items():
+            config.config.labels[key] = value
+        config.created = format_time()
+        image = self.store.put_image(config)
+        for tag in request.tags:
+            self.store.tag(image, tag)
+        return image
+
+    def build_stage(self, graph: BuildGraph, stage: Stage, built: dict[int, StageState],
+                    context: BuildContext, request: BuildRequest) -> StageState:
+        state = self.base_state(graph, stage, built, request)
+        steps = list(stage.instructions)
+        triggers = self.onbuild_triggers(state, graph)
+        state.config.config.on_build = []
+        total = len(triggers) + len(steps)
+        for number, item in enumerate(triggers + steps, start=1):
+            title = f"[{_stage_title(stage)} {number}/{total}] {_describe(item)}"
+            started = time.monotonic()
+            self.progress.step_start(title)
+            self.dispatch(state, item, graph, built, context, request)
+            self.progress.step_done(title, time.monotonic() - started)
+        return state
+
+    def base_state(self, graph: BuildGraph, stage: Stage, built: dict[int, StageState],
+                   request: BuildRequest) -> StageState:
+        scope = Scope(request.build_args, graph.meta_values)
+        title = f"[{_stage_title(stage)}] FROM {stage.base}"
+        self.progress.step_start(title)
+        if stage.parent is not None:
+            parent = built[stage.parent]
+            config, layers = parent.config.copy(), list(parent.layers)
+        elif stage.is_scratch:
+            host = host_platform()
+            config = ImageConfig(architecture=host.architecture, os=host.os, variant=host.variant)
+            layers = []
+        else:
+            image = self.store.find_image(stage.base)
+            if image is None:
+                raise stage.from_.loc.error(
+                    f"image {stage.base!r} is not in the store ({self.store.root}): import a root "
+                    "file system with `pybuild import ROOTFS.tar NAME` or load one with `pybuild load -i FILE`")
+            config, layers = image.config.copy(), self.store.layer_dirs(image)
+        self.progress.step_done(title, 0.0)
+        for item in config.config.env:
+            key, _, value = item.partition("=")
+            scope.env[key] = value
+        config.history = list(config.history)
+        return StageState(stage, config, layers, scope)
+
+    def onbuild_triggers(self, state: StageState, graph: BuildGraph) -> list[ins.AnyInstruction]:
+        """The base image's ONBUILD instructions, parsed as if written after FROM."""
+        if state.stage.parent is not None or not state.config.config.on_build:
+            return []
+        text = "".join(line + "\n" for line in state.config.config.on_build)
+        loc = state.stage.from_.loc
+        try:
+            nodes = parse("FROM scratch\n" + text, f"ONBUILD of {state.stage.base}").nodes[1:]
+            result = [ins.convert_node(node, ins.Location(loc.filename, loc.start, loc.end, loc.source))
+                      for node in nodes]
+        except PybuildError as exc:
+            raise loc.error(f"an ONBUILD trigger of {state.stage.base} is invalid: {exc.message}") from None
+        for item in result:
+            if isinstance(item, (ins.From, ins.Onbuild, ins.Maintainer)):
+                raise loc.error(f"{item.name} isn't allowed as an ONBUILD trigger")
+        return result
+
+    # -- one instruction -------------------------------------------------------------------
+
+    def dispatch(self, state: StageState, item: ins.AnyInstruction, graph: BuildGraph,
+                 built: dict[int, StageState], context: BuildContext, request: BuildRequest) -> None:
+        cfg = state.config.config
+        escape = graph.escape
+        scope = state.scope
+        loc = item.loc
+
+        def x(word: str) -> str:
+            return scope.expand(word, escape, loc)
+
+        if isinstance(item, ins.Env):
+            pairs = [(x(k), x(v)) for k, v in item.pairs]
+            for key, value in pairs:
+                scope.env[key] = value
+                cfg.env = [e for e in cfg.env if e.partition("=")[0] != key] + [f"{key}={value}"]
+            self.history(state, "ENV " + " ".join(f"{k}={v}" for k, v in pairs))
+        elif isinstance(item, ins.Arg):
+            declared = []
+            for name, default in item.args:
+                value = scope.declare_arg(name, default, escape, loc)
+                declared.append(name if value is None else f"{name}={value}")
+            self.history(state, "ARG " + " ".join(declared))
+        elif isinstance(item, ins.Label):
+            pairs = [(x(k), x(v)) for k, v in item.pairs]
+            cfg.labels.update(pairs)
+            self.history(state, "LABEL " + " ".join(f"{k}={v}" for k, v in pairs))
+        elif isinstance(item, ins.Workdir):
+            path = x(item.path)
+            cfg.working_dir = os.path.normpath(os.path.join(cfg.working_dir or "/", path)).replace("//", "/")
+            self.history(state, f"WORKDIR {cfg.working_dir}")
+        elif isinstance(item, ins.User):
+            cfg.user = x(item.user)
+            self.history(state, f"USER {cfg.user}")
+        elif isinstance(item, ins.Expose):
+            for word in item.ports:
+                for port in scope.expand_full(word, escape, loc).words:
+                    port = port if "/" in port else port + "/tcp"
+                    if port not in cfg.exposed_ports:
+                        cfg.exposed_ports.append(port)
+            self.history(state, "EXPOSE " + " ".join(cfg.exposed_ports))
+        elif isinstance(item, ins.Volume):
+            for path in item.paths:
+                path = x(path)
+                if not path:
+                    raise loc.error("VOLUME specified can not be an empty string")
+                if path not in cfg.volumes:
+                    cfg.volumes.append(path)
+            self.history(state, "VOLUME " + str(list(cfg.volumes)))
+        elif isinstance(item, ins.Stopsignal):
+            cfg.stop_signal = x(item.signal)
+            self.history(state, f"STOPSIGNAL {cfg.stop_signal}")
+        elif isinstance(item, ins.Maintainer):
+            state.config.author = item.maintainer
+            self.history(state, f"MAINTAINER {item.maintainer}")
+        elif isinstance(item, ins.Cmd):
+            cfg.cmd = self.command_argv(state, item.command)
+            state.inherited_cmd = False
+            self.history(state, f"CMD {cfg.cmd}")
+        elif isinstance(item, ins.Entrypoint):
+            cfg.entrypoint = self.command_argv(state, item.command)
+            if state.inherited_cmd:
+                cfg.cmd = None  # docker: an ENTRYPOINT resets a CMD inherited from the base
+            self.history(state, f"ENTRYPOINT {cfg.entrypoint}")
+        elif isinstance(item, ins.Shell):
+            cfg.shell = list(item.argv)
+            self.history(state, f"SHELL {cfg.shell}")
+        elif isinstance(item, ins.Healthcheck):
+            if item.test == ("NONE",):
+                cfg.healthcheck = Healthcheck(test=["NONE"])
+            else:
+                cfg.healthcheck = Healthcheck(list(item.test), item.interval, item.timeout, item.start_period,
+                                              item.start_interval, item.retries)
+            self.history(state, f"HEALTHCHECK {' '.join(item.test)}")
+        elif isinstance(item, ins.Onbuild):
+            cfg.on_build.append(item.expression)
+            self.history(state, f"ONBUILD {item.expression}")
+        elif isinstance(item, ins.Run):
+            self.run(state, item, graph, built, context, request)
+        elif isinstance(item, (ins.Copy, ins.Add)):
+            self.copy(state, item, graph, built, context)
+        else:  # pragma: no cover - the instruction set is closed
+            raise loc.error(f"{item.name} is not supported")
+
+    def history(self, state: StageState, created_by: str, empty: bool = True) -> None:
+        state.config.history.append(HistoryEntry(created=format_time(), created_by=created_by,
+                                                 comment="pybuild", empty_layer=empty))
+
+    def command_argv(self, state: StageState, command: ins.Command) -> list[str]:
+        if command.exec_form:
+            return list(command.args)
+        if not command.args:
+            return []
+        return list(state.config.config.shell or DEFAULT_SHELL) + [command.args[0]]
+
+    # -- RUN -----------------------------------------------------------------------------
+
+    def run(self, state: StageState, item: ins.Run, graph: BuildGraph, built: dict[int, StageState],
+            context: BuildContext, request: BuildRequest) -> None:
+        cfg = state.config.config
+        argv = self.run_argv(state, item)
+        env = dict(e.partition("=")[::2] for e in cfg.env)
+        env.setdefault("PATH", DEFAULT_PATH)
+        build_env = {k: v for k, v in state.scope.args.items() if k not in env}
+        for proxy in PROXY_ARGS:
+            if proxy in request.build_args and proxy not in build_env:
+                build_env[proxy] = request.build_args[proxy]
+        network = item.network or request.network
+        mounts = [self.run_mount(state, m, graph, context, item.loc) for m in item.mounts]
+        upper, work = self.store.make_work_dir()
+        try:
+            read_fd, write_fd = os.pipe()
+            try:
+                spec = sandbox.SandboxSpec(
+                    lower_dirs=state.lowers, upper_dir=upper, work_dir=work, argv=argv,
+                    env={**env, **build_env}, cwd=cfg.working_dir or "/", user=cfg.user,
+                    network="none" if network == "none" else "host", mounts=mounts,
+                    stdout=write_fd, stderr=write_fd)
+                code = self.progress.run_with_output(lambda: sandbox.run(spec), read_fd, write_fd)
+            finally:
+                os.close(read_fd)
+            if code != 0:
+                shown = " ".join(argv[len(cfg.shell or DEFAULT_SHELL):]) if not item.command.exec_form else str(argv)
+                raise item.loc.error(f"RUN failed with exit code {code}: {shown}")
+            args_note = "".join(f" {k}={v}" for k, v in sorted(build_env.items()) if k not in PROXY_ARGS)
+            prefix = f"|{len([k for k in build_env if k not in PROXY_ARGS])}{args_note} " if args_note else ""
+            self.commit(state, upper, f"RUN {prefix}{' '.join(argv)}")
+        finally:
+            shutil.rmtree(upper.parent, ignore_errors=True)
+
+    def run_argv(self, state: StageState, item: ins.Run) -> list[str]:
+        shell = list(state.config.config.shell or DEFAULT_SHELL)
+        if item.command.exec_form:
+            return list(item.command.args)
+        text = item.command.shell_text
+        if item.heredocs:
+            first = item.heredocs[0]
+            if text.strip() in (f"<<{first.name}", f"<<-{first.name}", f"<<'{first.name}'", f'<<"{first.name}"') \
+                    and len(item.heredocs) == 1:
+                return shell + [first.text]  # the heredoc is the script
+            # Let the shell read the here-documents itself: the line, then each body and terminator.
+            text = text + "\n" + "".join(h.content + h.name + "\n" for h in item.heredocs)
+        return shell + [text]
+
+    def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, context: BuildContext,
+                  loc: ins.Location) -> sandbox.Mount:
+        x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
+        target = x(mount.target)
+        if mount.type == "tmpfs":
+            return sandbox.Mount("tmpfs", target)
+        if mount.type == "cache":
+            if mount.from_:
+                raise loc.error("RUN --mount=type=cache,from=... is not supported yet: drop from=")
+            ident = x(mount.id or mount.target)
+            key = "".join(c if c.isalnum() or c in "-_." else "_" for c in ident) or "root"
+            path = self.store.root / "cache-mounts" / key
+            path.mkdir(parents=True, exist_ok=True)
+            if mount.uid is not None or mount.gid is not None:
+                os.chown(path, mount.uid or 0, mount.gid or 0)
+            if mount.mode is not None:
+                os.chmod(path, mount.mode)
+            return sandbox.Mount("bind", target, path, mount.readonly)
+        if mount.type == "bind":
+            if mount.from_:
+                raise loc.error("RUN --mount=type=bind,from=<stage> is not supported yet: "
+                                "COPY --from the files you need instead")
+            matches = context.resolve_sources([x(mount.source) or "."], allow_wildcards=False, instruction="RUN")
+            return sandbox.Mount("bind", target, matches[0].abs_path, mount.readonly)
+        raise loc.error(f"RUN --mount=type={mount.type} is not supported yet (no secrets or ssh agent "
+                        "forwarding): remove it or pass the value as a build arg")
+
+    def commit(self, state: StageState, upper: Path, created_by: str) -> None:
+        """The step's upper dir becomes a layer (none when the step changed nothing)."""
+        if not any(upper.iterdir()):
+            self.history(state, created_by, empty=True)
+            return
+        layer = self.store.commit_layer_dir(upper)
+        state.config.diff_ids.append(layer.diff_id)
+        state.layers.append(layer.path)
+        self.history(state, created_by, empty=False)
+
+    # -- COPY / ADD ---------------------------------------------------------------------
+
+    def copy(self, state: StageState, item: ins.Copy | ins.Add, graph: BuildGraph,
+             built: dict[int, StageState], context: BuildContext) -> None:
+        loc = item.loc
+        x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
+        cfg = state.config.config
+        dest_word = x(item.dest)
+        dest = dest_word if dest_word.startswith("/") else os.path.join(cfg.working_dir or "/", dest_word)
+        if dest_word.endswith("/") and not dest.endswith("/"):
+            dest += "/"
+        heredoc_names = {h.name: h for h in item.heredocs}
+        words = [w for w in item.sources]
+        extra_roots: dict[str, list[Path]] = {}
+        sources: list[copying.Source] = []
+        from_ = getattr(item, "from_", None)
+        wildcard = False
+        tmp = Path(tempfile.mkdtemp(prefix="pybuild-add-", dir=self.store.root / "tmp"))
+        try:
+            if from_:
+                ref = x(from_)
+                other = graph.find(ref)
+                if other is not None:
+                    layers = list(reversed(built[other.index].layers))
+                else:
+                    image = self.store.find_image(ref)
+                    if image is None:
+                        raise loc.error(f"COPY --from={ref}: no stage or image named {ref!r} in the store")
+                    layers = list(reversed(self.store.layer_dirs(image)))
+                extra_roots["src"] = layers
+                for word in words:
+                    pattern = x(word)
+                    wildcard = wildcard or any(c in pattern for c in "*?[")
+                    sources.append(copying.Source("stage", os.path.basename(pattern.rstrip("/")), root="src",
+                                                  pattern=pattern))
+            else:
+                for word in words:
+                    marker = word.lstrip("0123456789")
+                    name = marker[2:].lstrip("-").strip("'\"") if marker.startswith("<<") else None
+                    if name is not None and name in heredoc_names:
+                        doc = heredoc_names[name]
+                        text = doc.text
+                        if doc.expand and "$" in text:  # as BuildKit: variables expand, quotes stay
+                            text = expand(text, state.scope.variables(), "\\", skip_quotes=True).value
+                        sources.append(copying.Source("heredoc", name, content=text.encode()))
+                        continue
+                    value = x(word)
+                    if isinstance(item, ins.Add) and _is_url(value):
+                        sources.append(self.fetch(value, item, tmp))
+                        continue
+                    if isinstance(item, ins.Add) and _is_git(value):
+                        raise loc.error(f"ADD of a git repository ({value}) is not supported yet: "
+                                        "clone it into the context and COPY it")
+                    wildcard = wildcard or any(c in value for c in "*?[")
+                    for match in context.resolve_sources([value], instruction=item.name):
+                        if isinstance(item, ins.Add) and item.unpack is not False and not match.is_dir:
+                            from builder.snapshot import is_archive
+
+                            if is_archive(match.abs_path):
+                                sources.append(copying.Source("archive", match.path, host_path=str(match.abs_path)))
+                                continue
+                        entries = tuple(rel for rel, _ in context.walk(match)) if match.is_dir else ()
+                        sources.append(copying.Source("context", os.path.basename(match.path.rstrip("/")) or ".",
+                                                      host_path=str(match.abs_path), is_dir=match.is_dir,
+                                                      entries=entries))
+            many = len(words) > 1 or wildcard
+            if many and not dest.endswith("/"):
+                raise loc.error(f"when using {item.name} with more than one source file, the destination must be "
+                                f"a directory and end with a /: write {item.dest}/")
+            owner = self.chown(state, x(item.chown), loc) if item.chown else None
+            chmod = int(item.chmod, 8) if item.chmod and item.chmod.isdigit() else None
+            plan = copying.CopyPlan(tuple(sources), dest, dest.endswith("/") or many, owner, chmod)
+            upper, work = self.store.make_work_dir()
+            try:
+                in_rootfs(state.lowers, (upper, work), lambda root, **kw: copying.apply_copy(root, plan, **kw),
+                          extra_roots)
+                self.commit(state, upper, f"{item.name} {' '.join(item.sources)} {item.dest}")
+            except PybuildError as exc:
+                if exc.place:
+                    raise
+                raise loc.error(exc.message) from None
+            finally:
+                shutil.rmtree(upper.parent, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def chown(self, state: StageState, spec: str, loc: ins.Location) -> tuple[int, int]:
+        """--chown NAME[:GROUP] resolved through the image's own /etc/passwd and /etc/group."""
+        user, _, group = spec.partition(":")
+        if user.isdigit() and (not group or group.isdigit()):
+            return int(user), int(group) if group else int(user)
+
+        def lookup(root: Path):
+            return read_text_in_root(root, "/etc/passwd"), read_text_in_root(root, "/etc/group")
+
+        passwd, groups = in_rootfs(state.lowers, None, lookup)
+        try:
+            found = resolve_user(spec, passwd, groups)
+        except PybuildError as exc:
+            raise loc.error(f"--chown={spec}: {exc.message}") from None
+        return found.uid, found.gid
+
+    def fetch(self, url: str, item: ins.Add, tmp: Path) -> copying.Source:
+        """ADD <url>: download (checking --checksum), keep the file name, mode 0600 as docker."""
+        name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
+        target = tmp / f"download-{len(list(tmp.iterdir()))}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+                modified = response.headers.get("Last-Modified")
+        except OSError as exc:
+            raise item.loc.error(f"ADD {url}: download failed: {exc}") from None
+        if item.checksum:
+            import hashlib
+
+            algo, _, expected = item.checksum.partition(":")
+            digest = hashlib.new(algo, target.read_bytes()).hexdigest()
+            if digest != expected:
+                raise item.loc.error(f"ADD {url}: checksum mismatch: expected {item.checksum}, got {algo}:{digest}")
+        mtime = None
+        if modified:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                mtime = int(parsedate_to_datetime(modified).timestamp() * 1e9)
+            except (TypeError, ValueError):
+                mtime = None
+        return copying.Source("file", name, host_path=str(target), mode=0o600, mtime=mtime)
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _is_git(value: str) -> bool:
+    return value.startswith("git@") or value.endswith(".git") or value.startswith("git://")
+
+
+def _stage_title(stage: Stage) -> str:
+    return stage.name or f"stage-{stage.index}"
+
+
+def _describe(item: ins.AnyInstruction) -> str:
+    text = " ".join(item.loc.source.split()) if item.loc.source else item.name
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def apply_metadata(config: ImageConfig, items: list[ins.AnyInstruction]) -> ImageConfig:
+    """Metadata instructions applied to a config outside a build (import --change)."""
+    from builder.progress import Progress
+
+    config = config.copy()
+    stage = None
+    scope = Scope({}, {})
+    scope.env.update(dict(e.partition("=")[::2] for e in config.config.env))
+    state = StageState(stage, config, [], scope)  # type: ignore[arg-type]
+    builder = Builder(None, Progress("quiet"))  # type: ignore[arg-type]
+    graph = BuildGraph((), (), {})
+    for item in items:
+        builder.dispatch(state, item, graph, {}, None, None)  # type: ignore[arg-type]
+    return state.config

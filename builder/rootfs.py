@@ -1,0 +1,139 @@
+"""Work on an image's merged root file system from Python (COPY, ADD, user lookup).
+
+The layers are joined by an overlay mounted in a short-lived child process
+with its own mount namespace, so the host never sees the mount and nothing
+is left behind if the step fails or is killed. Writes land in the step's upper
+dir exactly as a RUN's would: the overlay computes copy-ups and whiteouts.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from grammar.errors import PybuildError
+
+T = TypeVar("T")
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def in_rootfs(lower_dirs: list[Path], upper: tuple[Path, Path] | None, fn: Callable[..., T],
+              extra_roots: dict[str, list[Path]] | None = None) -> T:
+    """Call fn(root, **extra) in a child where `root` is the merged view of `lower_dirs`
+    (top-most first) plus `upper` (upper, work) if given; each extra root is a read-only
+    merged view of its own layers. fn's result (or PybuildError) comes back pickled.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="pybuild-rootfs-"))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's stack
+        os.close(read_fd)
+        status = 0
+        try:
+            _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            root = scratch / "root"
+            root.mkdir()
+            mount_overlay([str(p) for p in lower_dirs], (str(upper[0]), str(upper[1])) if upper else None,
+                          str(root), str(scratch))
+            extras = {}
+            for name, layers in (extra_roots or {}).items():
+                target = scratch / f"x-{name}"
+                target.mkdir()
+                mount_overlay([str(p) for p in layers], None, str(target), str(scratch))
+                extras[name] = target
+            payload = ("ok", fn(root, **extras))
+        except PybuildError as exc:
+            payload = ("user", (exc.message, exc.place, exc.source))
+            status = 1
+        except BaseException as exc:  # an internal bug: carry the text back
+            import traceback
+
+            payload = ("bug", "".join(traceback.format_exception(exc)))
+            status = 2
+        try:
+            data = pickle.dumps(payload)
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(data)
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            data = pipe.read()
+    finally:
+        os.waitpid(pid, 0)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not data:
+        raise RuntimeError("the rootfs helper process died without a result")
+    kind, value = pickle.loads(data)
+    if kind == "ok":
+        return value
+    if kind == "user":
+        raise PybuildError(*value)
+    raise RuntimeError(f"rootfs helper failed:\n{value}")
+
+
+def mount_overlay(lowers: list[str], upper: tuple[str, str] | None, target: str, scratch: str) -> None:
+    """Mount an overlay of `lowers` (top-most first) at target, read-only when upper is None."""
+    from builder import sandbox
+
+    lowers = lowers or [_empty_dir(scratch)]
+    if upper is None and len(lowers) == 1:
+        lowers = lowers + [_empty_dir(scratch)]  # overlay needs two lowers without an upper
+    try:
+        sandbox._mount_overlay_fsopen(lowers, upper, target)
+    except sandbox._NoNewMountApi:
+        raise OSError("the kernel lacks the overlay lowerdir+ option (Linux 6.8 or newer is needed)") from None
+
+
+def _empty_dir(scratch: str) -> str:
+    path = os.path.join(scratch, "empty")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def resolve_in_root(root: Path, path: str) -> Path:
+    """`path` inside `root`, following symlinks as if root were "/" (never leaving root)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise PybuildError(f"too many levels of symbolic links resolving {path}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return root.joinpath(*resolved)
+
+
+def read_text_in_root(root: Path, path: str) -> str | None:
+    """A small file of the image (e.g. /etc/passwd), or None when absent."""
+    try:
+        return resolve_in_root(root, path).read_text(errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None

@@ -26,6 +26,7 @@ from builder.users import resolve_user
 from grammar import instructions as ins
 from grammar.dag import PROXY_ARGS, BuildGraph, Scope, Stage, build_graph
 from grammar.errors import PybuildError
+from grammar.lexer import heredoc_markers
 from grammar.parser import parse, parse_file
 from grammar.shell import expand
 
@@ -98,7 +99,12 @@ class Builder:
             title = f"[{_stage_title(stage)} {number}/{total}] {_describe(item)}"
             started = time.monotonic()
             self.progress.step_start(title)
-            self.dispatch(state, item, graph, built, context, request)
+            try:
+                self.dispatch(state, item, graph, built, context, request)
+            except PybuildError as exc:
+                if exc.place:
+                    raise
+                raise item.loc.error(exc.message) from None  # name the instruction that failed
             self.progress.step_done(title, time.monotonic() - started)
         return state
 
@@ -283,9 +289,8 @@ class Builder:
         text = item.command.shell_text
         if item.heredocs:
             first = item.heredocs[0]
-            if text.strip() in (f"<<{first.name}", f"<<-{first.name}", f"<<'{first.name}'", f'<<"{first.name}"') \
-                    and len(item.heredocs) == 1:
-                return shell + [first.text]  # the heredoc is the script
+            if len(item.heredocs) == 1 and heredoc_markers(text.strip()) and " " not in text.strip():
+                return shell + [first.text]  # `RUN <<EOF`: the heredoc is the script
             # Let the shell read the here-documents itself: the line, then each body and terminator.
             text = text + "\n" + "".join(h.content + h.name + "\n" for h in item.heredocs)
         return shell + [text]
@@ -404,10 +409,6 @@ class Builder:
                 in_rootfs(state.lowers, (upper, work), lambda root, **kw: copying.apply_copy(root, plan, **kw),
                           extra_roots)
                 self.commit(state, upper, f"{item.name} {' '.join(item.sources)} {item.dest}")
-            except PybuildError as exc:
-                if exc.place:
-                    raise
-                raise loc.error(exc.message) from None
             finally:
                 shutil.rmtree(upper.parent, ignore_errors=True)
         finally:

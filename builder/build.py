@@ -7,18 +7,26 @@ new layer. Only the stages the target needs are built.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from builder import copying, sandbox
 from builder.context import BuildContext
-from builder.image import Healthcheck, HistoryEntry, ImageConfig, format_time, host_platform
+from builder.patterns import PatternMatcher, has_wildcards
+from cache.digests import DigestMemo, file_sha256
+from cache.explain import explain
+from cache.index import CacheIndex, StepResult
+from cache.keys import entry_line, step_key, tree_digest
+from builder.image import Healthcheck, HistoryEntry, ImageConfig, config_to_dict, format_time, host_platform
 from builder.progress import Progress
 from builder.rootfs import in_rootfs, read_text_in_root
 from builder.store import Image, Store
@@ -43,6 +51,7 @@ class BuildRequest:
     target: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     no_cache: bool = False
+    no_cache_filter: tuple[str, ...] = ()
     network: str = "host"
 
 
@@ -54,6 +63,8 @@ class StageState:
     config: ImageConfig
     layers: list[Path]  # unpacked layer dirs, bottom first
     scope: Scope
+    key: str = ""  # cache key of the last step (the base's identity before any step)
+    base_id: str = ""
     inherited_cmd: bool = True  # CMD came from the base; ENTRYPOINT then resets it
 
     @property
@@ -61,10 +72,25 @@ class StageState:
         return list(reversed(self.layers))
 
 
+@dataclass
+class Prepared:
+    """A layer step ready to run: what its key hashes, what --explain compares, how to run it."""
+
+    inputs: dict
+    record: dict
+    created_by: str
+    execute: Callable[[Path, Path], None]  # (upper, work) -> None; writes the step's changes into upper
+    cleanup: Callable[[], None] = lambda: None
+
+
 class Builder:
-    def __init__(self, store: Store, progress: Progress) -> None:
+    def __init__(self, store: Store, progress: Progress, index: CacheIndex | None = None,
+                 explain_misses: bool = False) -> None:
         self.store = store
         self.progress = progress
+        self.index = index
+        self.explain_misses = explain_misses
+        self.digests = DigestMemo(index.load_digests if index else None)
 
     # -- whole build ------------------------------------------------------------------
 
@@ -74,6 +100,7 @@ class Builder:
         graph = build_graph(result, request.build_args, platform=str(platform),
                             filename=str(request.dockerfile.name))
         context = BuildContext.from_dir(request.context, request.dockerfile)
+        self.dockerfile_id = os.path.realpath(request.dockerfile)
         target = graph.target(request.target)
         built: dict[int, StageState] = {}
         for stage in graph.needed(target):
@@ -82,7 +109,11 @@ class Builder:
         config = final.config
         for key, value in request.labels.items():
             config.config.labels[key] = value
-        config.created = format_time()
+        # The newest step's time, not the clock: a rebuild from cache gives the same image id.
+        config.created = max((h.created for h in config.history if h.created), default=config.created)
+        if self.index is not None:
+            self.index.save_digests(self.digests.pending)
+            self.digests.pending = {}
         image = self.store.put_image(config)
         for tag in request.tags:
             self.store.tag(image, tag)
@@ -99,14 +130,74 @@ class Builder:
             title = f"[{_stage_title(stage)} {number}/{total}] {_describe(item)}"
             started = time.monotonic()
             self.progress.step_start(title)
+            identity = f"{self.dockerfile_id}\0{_stage_title(stage)}\0{number}"
+            use_cache = not request.no_cache and stage.label not in request.no_cache_filter \
+                and (stage.name or "") not in request.no_cache_filter
             try:
-                self.dispatch(state, item, graph, built, context, request)
+                cached = self.step(state, item, graph, built, context, request, identity, use_cache)
             except PybuildError as exc:
                 if exc.place:
                     raise
                 raise item.loc.error(exc.message) from None  # name the instruction that failed
-            self.progress.step_done(title, time.monotonic() - started)
+            self.progress.step_done(title, time.monotonic() - started, cached)
         return state
+
+    def step(self, state: StageState, item: ins.AnyInstruction, graph: BuildGraph, built: dict[int, StageState],
+             context: BuildContext, request: BuildRequest, identity: str, use_cache: bool) -> bool:
+        """Run or reuse one instruction; True when its result came from the cache."""
+        if not isinstance(item, (ins.Run, ins.Copy, ins.Add)):
+            self.dispatch(state, item, graph, built, context, request)
+            if isinstance(item, ins.Arg):
+                return False  # an ARG changes only what later steps read, and they key on that
+            # The container config after the step (not the history: it holds times).
+            key = step_key(state.key, item.name, {"config": config_to_dict(state.config).get("config"),
+                                                  "author": state.config.author})
+            created_by = state.config.history[-1].created_by
+            hit = self.index.lookup(key) if self.index and use_cache else None
+            if hit is not None:
+                state.config.history[-1].created = hit.created  # keep the image id stable
+            elif self.index is not None:
+                self.index.record(StepResult(key, None, state.config.history[-1].created, created_by), None, None)
+            state.key = key
+            return False
+        prepared = self.prepare_run(state, item, graph, context, request) if isinstance(item, ins.Run) \
+            else self.prepare_copy(state, item, graph, built, context)
+        try:
+            key = step_key(state.key, item.name, prepared.inputs)
+            record = {**prepared.record, "parent": state.key, "base": state.base_id,
+                      "base_name": state.stage.base, "instruction": item.loc.source.strip(),
+                      "other": step_key("", item.name, _options(prepared.inputs))}
+            hit = self.index.lookup(key) if self.index and use_cache else None
+            if hit is not None and (hit.diff_id is None or self.store.layer_path(hit.diff_id)):
+                self.apply_result(state, hit)
+                self.index.touch([key])
+                self.index.set_latest(identity, key)
+                state.key = key
+                return True
+            if self.index is not None and (self.explain_misses or self.progress.mode == "plain") and use_cache:
+                why = explain(self.index.previous_record(identity), record)
+                self.progress.note(f"cache miss: {why}" if self.progress.mode != "plain"
+                                   else f"#{self.progress.number} cache miss: {why}")
+            upper, work = self.store.make_work_dir()
+            try:
+                prepared.execute(upper, work)
+                result = self.commit(state, upper, prepared.created_by, key)
+            finally:
+                shutil.rmtree(upper.parent, ignore_errors=True)
+        finally:
+            prepared.cleanup()
+        if self.index is not None:
+            self.index.record(result, record, identity)
+        state.key = key
+        return False
+
+    def apply_result(self, state: StageState, result: StepResult) -> None:
+        if result.diff_id is not None:
+            layer_path = self.store.layer_path(result.diff_id)
+            state.config.diff_ids.append(result.diff_id)
+            state.layers.append(layer_path)
+        state.config.history.append(HistoryEntry(created=result.created, created_by=result.created_by,
+                                                 comment="pybuild", empty_layer=result.diff_id is None))
 
     def base_state(self, graph: BuildGraph, stage: Stage, built: dict[int, StageState],
                    request: BuildRequest) -> StageState:
@@ -116,10 +207,12 @@ class Builder:
         if stage.parent is not None:
             parent = built[stage.parent]
             config, layers = parent.config.copy(), list(parent.layers)
+            base_id = parent.key
         elif stage.is_scratch:
             host = host_platform()
             config = ImageConfig(architecture=host.architecture, os=host.os, variant=host.variant)
             layers = []
+            base_id = f"scratch:{host}"
         else:
             image = self.store.find_image(stage.base)
             if image is None:
@@ -127,12 +220,13 @@ class Builder:
                     f"image {stage.base!r} is not in the store ({self.store.root}): import a root "
                     "file system with `pybuild import ROOTFS.tar NAME` or load one with `pybuild load -i FILE`")
             config, layers = image.config.copy(), self.store.layer_dirs(image)
+            base_id = image.id
         self.progress.step_done(title, 0.0)
         for item in config.config.env:
             key, _, value = item.partition("=")
             scope.env[key] = value
         config.history = list(config.history)
-        return StageState(stage, config, layers, scope)
+        return StageState(stage, config, layers, scope, key=base_id, base_id=base_id)
 
     def onbuild_triggers(self, state: StageState, graph: BuildGraph) -> list[ins.AnyInstruction]:
         """The base image's ONBUILD instructions, parsed as if written after FROM."""
@@ -170,11 +264,8 @@ class Builder:
                 cfg.env = [e for e in cfg.env if e.partition("=")[0] != key] + [f"{key}={value}"]
             self.history(state, "ENV " + " ".join(f"{k}={v}" for k, v in pairs))
         elif isinstance(item, ins.Arg):
-            declared = []
             for name, default in item.args:
-                value = scope.declare_arg(name, default, escape, loc)
-                declared.append(name if value is None else f"{name}={value}")
-            self.history(state, "ARG " + " ".join(declared))
+                scope.declare_arg(name, default, escape, loc)
         elif isinstance(item, ins.Label):
             pairs = [(x(k), x(v)) for k, v in item.pairs]
             cfg.labels.update(pairs)
@@ -229,11 +320,7 @@ class Builder:
         elif isinstance(item, ins.Onbuild):
             cfg.on_build.append(item.expression)
             self.history(state, f"ONBUILD {item.expression}")
-        elif isinstance(item, ins.Run):
-            self.run(state, item, graph, built, context, request)
-        elif isinstance(item, (ins.Copy, ins.Add)):
-            self.copy(state, item, graph, built, context)
-        else:  # pragma: no cover - the instruction set is closed
+        else:  # pragma: no cover - RUN/COPY/ADD go through Builder.step
             raise loc.error(f"{item.name} is not supported")
 
     def history(self, state: StageState, created_by: str, empty: bool = True) -> None:
@@ -249,38 +336,39 @@ class Builder:
 
     # -- RUN -----------------------------------------------------------------------------
 
-    def run(self, state: StageState, item: ins.Run, graph: BuildGraph, built: dict[int, StageState],
-            context: BuildContext, request: BuildRequest) -> None:
+    def prepare_run(self, state: StageState, item: ins.Run, graph: BuildGraph, context: BuildContext,
+                    request: BuildRequest) -> Prepared:
         cfg = state.config.config
         argv = self.run_argv(state, item)
         env = dict(e.partition("=")[::2] for e in cfg.env)
         env.setdefault("PATH", DEFAULT_PATH)
         build_env = {k: v for k, v in state.scope.args.items() if k not in env}
-        for proxy in PROXY_ARGS:
-            if proxy in request.build_args and proxy not in build_env:
-                build_env[proxy] = request.build_args[proxy]
+        proxies = {p: request.build_args[p] for p in PROXY_ARGS if p in request.build_args and p not in build_env}
         network = item.network or request.network
         mounts = [self.run_mount(state, m, graph, context, item.loc) for m in item.mounts]
-        upper, work = self.store.make_work_dir()
-        try:
+        shown_args = {k: v for k, v in sorted(build_env.items()) if k not in PROXY_ARGS}
+        prefix = f"|{len(shown_args)} " + "".join(f"{k}={v} " for k, v in shown_args.items()) if shown_args else ""
+
+        def execute(upper: Path, work: Path) -> None:
             read_fd, write_fd = os.pipe()
             try:
                 spec = sandbox.SandboxSpec(
                     lower_dirs=state.lowers, upper_dir=upper, work_dir=work, argv=argv,
-                    env={**env, **build_env}, cwd=cfg.working_dir or "/", user=cfg.user,
-                    network="none" if network == "none" else "host", mounts=mounts,
+                    env={**env, **build_env, **proxies}, cwd=cfg.working_dir or "/", user=cfg.user,
+                    network="none" if network == "none" else "host", mounts=[m for m, _ in mounts],
                     stdout=write_fd, stderr=write_fd)
                 code = self.progress.run_with_output(lambda: sandbox.run(spec), read_fd, write_fd)
             finally:
                 os.close(read_fd)
             if code != 0:
-                shown = " ".join(argv[len(cfg.shell or DEFAULT_SHELL):]) if not item.command.exec_form else str(argv)
+                shown = item.command.shell_text if not item.command.exec_form else str(argv)
                 raise item.loc.error(f"RUN failed with exit code {code}: {shown}")
-            args_note = "".join(f" {k}={v}" for k, v in sorted(build_env.items()) if k not in PROXY_ARGS)
-            prefix = f"|{len([k for k in build_env if k not in PROXY_ARGS])}{args_note} " if args_note else ""
-            self.commit(state, upper, f"RUN {prefix}{' '.join(argv)}")
-        finally:
-            shutil.rmtree(upper.parent, ignore_errors=True)
+
+        # Proxies reach the command but neither the key nor the history, as in docker build.
+        inputs = {"argv": argv, "env": env, "args": build_env, "cwd": cfg.working_dir, "user": cfg.user,
+                  "network": network, "mounts": [key for _, key in mounts], "security": item.security}
+        record = {"args": build_env, "env": env}
+        return Prepared(inputs, record, f"RUN {prefix}{' '.join(argv)}", execute)
 
     def run_argv(self, state: StageState, item: ins.Run) -> list[str]:
         shell = list(state.config.config.shell or DEFAULT_SHELL)
@@ -296,11 +384,12 @@ class Builder:
         return shell + [text]
 
     def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, context: BuildContext,
-                  loc: ins.Location) -> sandbox.Mount:
+                  loc: ins.Location) -> tuple[sandbox.Mount, dict]:
+        """The sandbox mount for a RUN --mount, and what of it enters the cache key."""
         x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
         target = x(mount.target)
         if mount.type == "tmpfs":
-            return sandbox.Mount("tmpfs", target)
+            return sandbox.Mount("tmpfs", target), {"type": "tmpfs", "target": target}
         if mount.type == "cache":
             if mount.from_:
                 raise loc.error("RUN --mount=type=cache,from=... is not supported yet: drop from=")
@@ -312,30 +401,53 @@ class Builder:
                 os.chown(path, mount.uid or 0, mount.gid or 0)
             if mount.mode is not None:
                 os.chmod(path, mount.mode)
-            return sandbox.Mount("bind", target, path, mount.readonly)
+            # A cache mount's contents never enter the key: it is a cache, not an input.
+            return sandbox.Mount("bind", target, path, mount.readonly), {"type": "cache", "target": target,
+                                                                          "id": ident}
         if mount.type == "bind":
             if mount.from_:
                 raise loc.error("RUN --mount=type=bind,from=<stage> is not supported yet: "
                                 "COPY --from the files you need instead")
             matches = context.resolve_sources([x(mount.source) or "."], allow_wildcards=False, instruction="RUN")
-            return sandbox.Mount("bind", target, matches[0].abs_path, mount.readonly)
+            lines, _ = self.source_digest(context, matches[0])
+            return sandbox.Mount("bind", target, matches[0].abs_path, mount.readonly), {
+                "type": "bind", "target": target, "readonly": mount.readonly, "content": tree_digest(lines)}
         raise loc.error(f"RUN --mount=type={mount.type} is not supported yet (no secrets or ssh agent "
                         "forwarding): remove it or pass the value as a build arg")
 
-    def commit(self, state: StageState, upper: Path, created_by: str) -> None:
+    def commit(self, state: StageState, upper: Path, created_by: str, key: str) -> StepResult:
         """The step's upper dir becomes a layer (none when the step changed nothing)."""
-        if not any(upper.iterdir()):
-            self.history(state, created_by, empty=True)
-            return
-        layer = self.store.commit_layer_dir(upper)
-        state.config.diff_ids.append(layer.diff_id)
-        state.layers.append(layer.path)
-        self.history(state, created_by, empty=False)
+        diff_id = None if not any(upper.iterdir()) else self.store.commit_layer_dir(upper).diff_id
+        result = StepResult(key, diff_id, format_time(), created_by)
+        self.apply_result(state, result)
+        return result
+
+    def source_digest(self, context: BuildContext, match, excludes: list[str] | None = None
+                      ) -> tuple[list[str], dict[str, str]]:
+        """Key lines of a context source (walked once) and its files' digests for --explain."""
+        lines, files = [], {}
+        base = str(match.abs_path)
+        skip = PatternMatcher(excludes) if excludes else None
+        for rel, st in context.walk(match):
+            if skip is not None and rel != "." and skip.matches_or_parent_matches(rel):
+                continue
+            path = base if rel == "." else os.path.join(base, rel)
+            if stat.S_ISREG(st.st_mode):
+                content = self.digests.digest(path, st)
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            else:
+                content = ""
+            lines.append(entry_line(rel, st.st_mode, st.st_size, content))
+            if not stat.S_ISDIR(st.st_mode):
+                files[os.path.normpath(os.path.join(match.path, rel))] = f"{stat.S_IMODE(st.st_mode):o}:{content}"
+        return lines, files
 
     # -- COPY / ADD ---------------------------------------------------------------------
 
-    def copy(self, state: StageState, item: ins.Copy | ins.Add, graph: BuildGraph,
-             built: dict[int, StageState], context: BuildContext) -> None:
+    def prepare_copy(self, state: StageState, item: ins.Copy | ins.Add, graph: BuildGraph,
+                     built: dict[int, StageState], context: BuildContext) -> Prepared:
+        """Resolve and digest COPY/ADD sources (the key), and how to place them (the step)."""
         loc = item.loc
         x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
         cfg = state.config.config
@@ -344,75 +456,94 @@ class Builder:
         if dest_word.endswith("/") and not dest.endswith("/"):
             dest += "/"
         heredoc_names = {h.name: h for h in item.heredocs}
-        words = [w for w in item.sources]
         extra_roots: dict[str, list[Path]] = {}
         sources: list[copying.Source] = []
+        keys: list[dict] = []
+        files: dict[str, str] = {}
         from_ = getattr(item, "from_", None)
+        excludes = [x(e) for e in item.excludes]
         wildcard = False
         tmp = Path(tempfile.mkdtemp(prefix="pybuild-add-", dir=self.store.root / "tmp"))
-        try:
-            if from_:
-                ref = x(from_)
-                other = graph.find(ref)
-                if other is not None:
-                    layers = list(reversed(built[other.index].layers))
-                else:
-                    image = self.store.find_image(ref)
-                    if image is None:
-                        raise loc.error(f"COPY --from={ref}: no stage or image named {ref!r} in the store")
-                    layers = list(reversed(self.store.layer_dirs(image)))
-                extra_roots["src"] = layers
-                for word in words:
-                    pattern = x(word)
-                    wildcard = wildcard or any(c in pattern for c in "*?[")
-                    sources.append(copying.Source("stage", os.path.basename(pattern.rstrip("/")), root="src",
-                                                  pattern=pattern))
+        source_id = None
+        if from_:
+            ref = x(from_)
+            other = graph.find(ref)
+            if other is not None:
+                layers, source_id = list(reversed(built[other.index].layers)), built[other.index].key
             else:
-                for word in words:
-                    marker = word.lstrip("0123456789")
-                    name = marker[2:].lstrip("-").strip("'\"") if marker.startswith("<<") else None
-                    if name is not None and name in heredoc_names:
-                        doc = heredoc_names[name]
-                        text = doc.text
-                        if doc.expand and "$" in text:  # as BuildKit: variables expand, quotes stay
-                            text = expand(text, state.scope.variables(), "\\", skip_quotes=True).value
-                        sources.append(copying.Source("heredoc", name, content=text.encode()))
-                        continue
-                    value = x(word)
-                    if isinstance(item, ins.Add) and _is_url(value):
-                        sources.append(self.fetch(value, item, tmp))
-                        continue
-                    if isinstance(item, ins.Add) and _is_git(value):
-                        raise loc.error(f"ADD of a git repository ({value}) is not supported yet: "
-                                        "clone it into the context and COPY it")
-                    wildcard = wildcard or any(c in value for c in "*?[")
-                    for match in context.resolve_sources([value], instruction=item.name):
-                        if isinstance(item, ins.Add) and item.unpack is not False and not match.is_dir:
-                            from builder.snapshot import is_archive
+                image = self.store.find_image(ref)
+                if image is None:
+                    raise loc.error(f"COPY --from={ref}: no stage or image named {ref!r} in the store")
+                layers, source_id = list(reversed(self.store.layer_dirs(image))), image.id
+            extra_roots["src"] = layers
+            for word in item.sources:
+                pattern = x(word)
+                wildcard = wildcard or has_wildcards(pattern)
+                sources.append(copying.Source("stage", os.path.basename(pattern.rstrip("/")), root="src",
+                                              pattern=pattern))
+                keys.append({"from": source_id, "pattern": pattern})
+        else:
+            for word in item.sources:
+                marker = word.lstrip("0123456789")
+                name = marker[2:].lstrip("-").strip("'\"") if marker.startswith("<<") else None
+                if name is not None and name in heredoc_names:
+                    doc = heredoc_names[name]
+                    text = doc.text
+                    if doc.expand and "$" in text:  # as BuildKit: variables expand, quotes stay
+                        text = expand(text, state.scope.variables(), "\\", skip_quotes=True).value
+                    sources.append(copying.Source("heredoc", name, content=text.encode()))
+                    keys.append({"heredoc": name, "sha256": hashlib.sha256(text.encode()).hexdigest()})
+                    continue
+                value = x(word)
+                if isinstance(item, ins.Add) and _is_url(value):
+                    fetched = self.fetch(value, item, tmp)
+                    sources.append(fetched)
+                    keys.append({"url": value, "sha256": file_sha256(fetched.host_path)})
+                    continue
+                if isinstance(item, ins.Add) and _is_git(value):
+                    raise loc.error(f"ADD of a git repository ({value}) is not supported yet: "
+                                    "clone it into the context and COPY it")
+                if isinstance(item, ins.Add) and item.checksum:
+                    raise loc.error("ADD --checksum can only check http(s) sources")
+                wildcard = wildcard or has_wildcards(value)
+                for match in context.resolve_sources([value], instruction=item.name):
+                    archive = False
+                    if isinstance(item, ins.Add) and item.unpack is not False and not match.is_dir:
+                        from builder.snapshot import is_archive
 
-                            if is_archive(match.abs_path):
-                                sources.append(copying.Source("archive", match.path, host_path=str(match.abs_path)))
-                                continue
-                        entries = tuple(rel for rel, _ in context.walk(match)) if match.is_dir else ()
-                        sources.append(copying.Source("context", os.path.basename(match.path.rstrip("/")) or ".",
-                                                      host_path=str(match.abs_path), is_dir=match.is_dir,
-                                                      entries=entries))
-            many = len(words) > 1 or wildcard
-            if many and not dest.endswith("/"):
-                raise loc.error(f"when using {item.name} with more than one source file, the destination must be "
-                                f"a directory and end with a /: write {item.dest}/")
-            owner = self.chown(state, x(item.chown), loc) if item.chown else None
-            chmod = int(item.chmod, 8) if item.chmod and item.chmod.isdigit() else None
-            plan = copying.CopyPlan(tuple(sources), dest, dest.endswith("/") or many, owner, chmod)
-            upper, work = self.store.make_work_dir()
-            try:
-                in_rootfs(state.lowers, (upper, work), lambda root, **kw: copying.apply_copy(root, plan, **kw),
-                          extra_roots)
-                self.commit(state, upper, f"{item.name} {' '.join(item.sources)} {item.dest}")
-            finally:
-                shutil.rmtree(upper.parent, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                        archive = is_archive(match.abs_path)
+                    lines, found = self.source_digest(context, match, excludes)
+                    files.update(found)
+                    keys.append({"path": match.path, "tree": tree_digest(lines), "archive": archive})
+                    subdir = os.path.dirname(match.path.rstrip("/")) if item.parents else ""
+                    if archive:
+                        sources.append(copying.Source("archive", match.path, host_path=str(match.abs_path),
+                                                      subdir=subdir))
+                        continue
+                    entries = tuple(line.split("\0", 1)[0] for line in lines) if match.is_dir else ()
+                    sources.append(copying.Source("context", os.path.basename(match.path.rstrip("/")) or ".",
+                                                  host_path=str(match.abs_path), is_dir=match.is_dir,
+                                                  entries=entries, subdir=subdir))
+        many = len(item.sources) > 1 or wildcard
+        if many and not dest.endswith("/"):
+            raise loc.error(f"when using {item.name} with more than one source file, the destination must be "
+                            f"a directory and end with a /: write {item.dest}/")
+        chown = x(item.chown) if item.chown else None
+        chmod = int(item.chmod, 8) if item.chmod and item.chmod.isdigit() else None
+        if item.chmod and chmod is None:
+            raise loc.error(f"--chmod={item.chmod}: only octal modes are supported, e.g. --chmod=0755")
+
+        def execute(upper: Path, work: Path) -> None:
+            owner = self.chown(state, chown, loc) if chown else None
+            plan = copying.CopyPlan(tuple(sources), dest, dest.endswith("/") or many or item.parents, owner, chmod)
+            in_rootfs(state.lowers, (upper, work), lambda root, **kw: copying.apply_copy(root, plan, **kw),
+                      extra_roots)
+
+        inputs = {"dest": dest, "chown": chown, "chmod": chmod, "sources": keys, "excludes": excludes,
+                  "parents": item.parents, "link": item.link}
+        record = {"files": files, "source": source_id}
+        return Prepared(inputs, record, f"{item.name} {' '.join(item.sources)} {item.dest}", execute,
+                        lambda: shutil.rmtree(tmp, ignore_errors=True))
 
     def chown(self, state: StageState, spec: str, loc: ins.Location) -> tuple[int, int]:
         """--chown NAME[:GROUP] resolved through the image's own /etc/passwd and /etc/group."""
@@ -456,6 +587,14 @@ class Builder:
             except (TypeError, ValueError):
                 mtime = None
         return copying.Source("file", name, host_path=str(target), mode=0o600, mtime=mtime)
+
+
+def _options(inputs: dict) -> dict:
+    """The inputs --explain does not itemise (files, args and env are compared one by one)."""
+    out = {k: v for k, v in inputs.items() if k not in ("args", "env")}
+    if "sources" in out:
+        out["sources"] = [{k: v for k, v in src.items() if k != "tree"} for src in out["sources"]]
+    return out
 
 
 def _is_url(value: str) -> bool:

@@ -133,6 +133,10 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--build-arg", "build_args", multiple=True, metavar="K=V", help="A build arg value (repeatable).")
 @click.option("--target", default=None, help="Build up to this stage.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse earlier results.")
+@click.option("--no-cache-filter", "no_cache_filter", multiple=True, metavar="STAGE",
+              help="Do not reuse results for this stage (repeatable).")
+@click.option("--explain", is_flag=True, help="Say why each step missed the cache.")
+@click.option("--pull", is_flag=True, help="Re-resolve the base image (the local store's current tag).")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Add a label to the image (repeatable).")
 @click.option("--iidfile", default=None, type=click.Path(dir_okay=False), help="Write the image id here.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
@@ -141,8 +145,8 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--network", type=click.Choice(["host", "none", "default"]), default="host",
               help="Network for RUN steps (default host).")
 @root_option
-def build(context: str, tags, dockerfile, build_args, target, no_cache, labels, iidfile, quiet, progress_mode,
-          network, root) -> None:
+def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache_filter, explain, pull, labels,
+          iidfile, quiet, progress_mode, network, root) -> None:
     """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
     import shutil
     import tempfile
@@ -150,6 +154,7 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, labels, 
     from builder.build import Builder, BuildRequest
     from builder.image import parse_reference
     from builder.progress import Progress
+    from cache.index import CacheIndex
 
     for tag in tags:
         parse_reference(tag)  # reject bad names before doing any work
@@ -170,9 +175,14 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, labels, 
         request = BuildRequest(context=context_dir, dockerfile=dockerfile_path, tags=tags,
                                build_args=parse_build_args(build_args), target=target,
                                labels=parse_key_values(labels, "--label"), no_cache=no_cache,
+                               no_cache_filter=tuple(no_cache_filter),
                                network="host" if network == "default" else network)
         progress = Progress("quiet" if quiet else progress_mode)
-        image = Builder(store, progress).build(request)
+        index = CacheIndex(store.root / "cache.db")
+        try:
+            image = Builder(store, progress, index, explain_misses=explain).build(request)
+        finally:
+            index.close()
     finally:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)

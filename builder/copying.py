@@ -36,6 +36,7 @@ class Source:
     content: bytes = b""
     mode: int | None = None  # heredoc/file default mode
     mtime: int | None = None
+    subdir: str = ""  # --parents: the source's own parent path, kept under the destination
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ def apply_copy(root: Path, plan: CopyPlan, **extra_roots: Path) -> int:
     dest_path = resolve_in_root(root, plan.dest)
     dest_is_dir = plan.dest_is_dir or dest_path.is_dir()
     for source in plan.sources:
+        if source.subdir:
+            count += apply_copy(root, CopyPlan((Source(**{**source.__dict__, "subdir": ""}),),
+                                               plan.dest.rstrip("/") + "/" + source.subdir + "/", True,
+                                               plan.owner, plan.chmod), **extra_roots)
+            continue
         if source.kind == "archive":
             from builder.snapshot import unpack_archive_into
 

@@ -1,0 +1,4 @@
+# greet NAME: print a greeting
+greet() {
+    echo "hello from a $1"
+}

@@ -1,0 +1,4 @@
+# list_modules: the modules this binary was "linked" from
+list_modules() {
+    echo "linked from: @MODULES@"
+}

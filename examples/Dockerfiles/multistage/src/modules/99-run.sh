@@ -1,0 +1,2 @@
+# Last module: run main with the program's arguments.
+main "$@"

@@ -131,8 +131,7 @@ class Builder:
             started = time.monotonic()
             self.progress.step_start(title)
             identity = f"{self.dockerfile_id}\0{_stage_title(stage)}\0{number}"
-            use_cache = not request.no_cache and stage.label not in request.no_cache_filter \
-                and (stage.name or "") not in request.no_cache_filter
+            use_cache = not request.no_cache and not {stage.label, _stage_title(stage)} & set(request.no_cache_filter)
             try:
                 cached = self.step(state, item, graph, built, context, request, identity, use_cache)
             except PybuildError as exc:
@@ -541,7 +540,7 @@ class Builder:
 
         inputs = {"dest": dest, "chown": chown, "chmod": chmod, "sources": keys, "excludes": excludes,
                   "parents": item.parents, "link": item.link}
-        record = {"files": files, "source": source_id}
+        record = {"files": files, "source": source_id, "env": dict(e.partition("=")[::2] for e in cfg.env)}
         return Prepared(inputs, record, f"{item.name} {' '.join(item.sources)} {item.dest}", execute,
                         lambda: shutil.rmtree(tmp, ignore_errors=True))
 

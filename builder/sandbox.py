@@ -162,7 +162,7 @@ def run(spec: SandboxSpec) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="pybuild-sandbox-"))
     devnull = -1
     read_fd = -1
-    reports: list[dict[str, Any]] = []
+    reports = _Reports()
     try:
         if spec.stdin is None:
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -183,9 +183,11 @@ def run(spec: SandboxSpec) -> int:
                 os._exit(code)
         try:
             os.close(write_fd)
-            code = _supervise(pid, read_fd, reports)
+            reports.read(read_fd)  # until B and C have closed their ends
+            code = _exit_code(os.waitpid(pid, 0)[1])
         except BaseException:
             _kill(pid)
+            reports.read(read_fd)  # what B said before it died: the stubs to remove
             raise
     finally:
         if read_fd >= 0:
@@ -235,15 +237,18 @@ def _environment(env: list[str] | dict[str, str]) -> list[str]:
     return items
 
 
-def _supervise(pid: int, read_fd: int, reports: list[dict[str, Any]]) -> int:
-    """Collect B's reports until every writer is gone, then wait for A."""
-    buf = b""
-    while chunk := os.read(read_fd, 65536):
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        reports.extend(json.loads(line) for line in lines if line)
-    _, status = os.waitpid(pid, 0)
-    return _exit_code(status)
+class _Reports(list[dict[str, Any]]):
+    """B's JSON-lines reports: stubs it created, dirs it touched, errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._partial = b""
+
+    def read(self, fd: int) -> None:
+        """Everything until every writer is gone (B and, until it execs, C)."""
+        while chunk := os.read(fd, 65536):
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            self.extend(json.loads(line) for line in lines if line)
 
 
 def _kill(pid: int) -> None:
@@ -288,7 +293,7 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _remove_stubs(upper: str, reports: list[dict[str, Any]]) -> None:
+def _remove_stubs(upper: str, reports: _Reports) -> None:
     """Undo the mount points B created in the upper dir, and the times it changed.
 
     A directory B only touched is left alone if the command changed it since

@@ -26,12 +26,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 import tarsafe
 import zstandard
 
 from grammar.errors import PybuildError
+
+T = TypeVar("T")
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -573,7 +575,9 @@ def _checksum_ok(block: bytes) -> bool:
     stored = _parse_number(block[148:156])
     blank = block[:148] + b" " * 8 + block[156:]
     unsigned = sum(blank)
-    return stored == unsigned or stored == unsigned - 256 * sum(1 for c in blank if c > 127)
+    if stored == unsigned:
+        return True
+    return stored == unsigned - 256 * sum(1 for c in blank if c > 127)
 
 
 def is_archive(path: Path) -> bool:
@@ -899,11 +903,11 @@ class _Extractor:
             return os.open(parts[i], _OPEN_DIR, dir_fd=cur)
         except FileNotFoundError:
             if not create:
-                raise PybuildError(f"{entry}: /{'/'.join(parts[:i + 1])} does not exist") from None
+                raise PybuildError(f"archive entry {entry!r}: /{'/'.join(parts[:i + 1])} does not exist") from None
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise PybuildError(
-                    f"{entry}: /{'/'.join(parts[:i + 1])} is a symlink or not a directory; "
+                    f"archive entry {entry!r}: /{'/'.join(parts[:i + 1])} is a symlink or not a directory; "
                     "refusing to write through it") from None
             raise
         os.mkdir(parts[i], 0o755, dir_fd=cur)  # an implied parent, made as docker makes them
@@ -927,17 +931,18 @@ class _Extractor:
                     target = os.fsdecode(os.readlink(part, dir_fd=cur))
                     new = _lexical(() if target.startswith("/") else tuple(resolved), target)
                     if new is None:
-                        raise PybuildError(f"{entry}: symlink /{'/'.join((*resolved, part))} points outside the destination")
+                        raise PybuildError(
+                            f"archive entry {entry!r}: symlink /{'/'.join((*resolved, part))} points outside the destination")
                     parts = (*new, *parts[i + 1:])
                     break
                 resolved.append(part)
                 if i < len(parts) - 1:
                     if not stat.S_ISDIR(st.st_mode):
-                        raise PybuildError(f"{entry}: /{'/'.join(resolved)} is not a directory")
+                        raise PybuildError(f"archive entry {entry!r}: /{'/'.join(resolved)} is not a directory")
                     cur = self._dirfd(tuple(resolved), entry, create=False)
             else:
                 return tuple(resolved)
-        raise PybuildError(f"{entry}: too many levels of symlinks")
+        raise PybuildError(f"archive entry {entry!r}: too many levels of symlinks")
 
     # ---- entries
 
@@ -1011,13 +1016,18 @@ class _Extractor:
         if m.kind == "lnk":
             self._hardlink(parts, m)
             return
-        self._remove(parts[-1], self._dirfd(parts[:-1], raw, create=True))
-        pfd = self._dirfd(parts[:-1], raw, create=True)  # removal may have dropped cached fds
         name = parts[-1]
         if m.kind == "reg":
-            self._regular(name, pfd, tar, m)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd, _ = self._create(parts, raw, lambda pfd: os.open(name, flags, 0o600, dir_fd=pfd))
+            try:
+                tar.copy_to(fd, m.size)
+                self._fd_meta(fd, m)
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            finally:
+                os.close(fd)
         elif m.kind == "sym":
-            os.symlink(m.linkname, name, dir_fd=pfd)
+            _, pfd = self._create(parts, raw, lambda pfd: os.symlink(m.linkname, name, dir_fd=pfd))
             self._path_meta(name, pfd, m, chmod=False)
         elif m.kind in ("chr", "blk"):
             if self.overlay and m.kind == "chr" and m.dev == (0, 0):
@@ -1025,12 +1035,22 @@ class _Extractor:
             if not self.is_root:
                 raise PybuildError(f"archive entry {raw!r} is a device node; creating it needs root")
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK
-            os.mknod(name, kind | 0o600, os.makedev(*m.dev), dir_fd=pfd)
+            _, pfd = self._create(parts, raw, lambda pfd: os.mknod(name, kind | 0o600, os.makedev(*m.dev), dir_fd=pfd))
             self._path_meta(name, pfd, m, chmod=True)
         else:  # fifo
-            os.mkfifo(name, 0o600, dir_fd=pfd)
+            _, pfd = self._create(parts, raw, lambda pfd: os.mkfifo(name, 0o600, dir_fd=pfd))
             self._path_meta(name, pfd, m, chmod=True)
         self.extracted.add(parts)
+
+    def _create(self, parts: tuple[str, ...], raw: str, make: Callable[[int], T]) -> tuple[T, int]:
+        """make(parent_fd) the new node, replacing whatever an earlier entry left at its path."""
+        pfd = self._dirfd(parts[:-1], raw, create=True)
+        try:
+            return make(pfd), pfd
+        except FileExistsError:
+            self._remove(parts[-1], pfd)
+        pfd = self._dirfd(parts[:-1], raw, create=True)  # removing a dir drops the cached fds
+        return make(pfd), pfd
 
     def _owner(self, m: _Member) -> tuple[int, int]:
         return self.chown or (m.uid, m.gid)
@@ -1085,15 +1105,6 @@ class _Extractor:
         tfd = self._dirfd(target[:-1], raw, create=False)
         os.link(target[-1], parts[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         self.extracted.add(parts)
-
-    def _regular(self, name: str, pfd: int, tar: _TarReader, m: _Member) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-        try:
-            tar.copy_to(fd, m.size)
-            self._fd_meta(fd, m)
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-        finally:
-            os.close(fd)
 
     def _fd_meta(self, fd: int, m: _Member) -> None:
         # chown first: it clears setuid bits and file capabilities

@@ -247,6 +247,25 @@ def test_interrupted(tmp_path: Path, busybox_rootfs: Path) -> None:
     assert tree(tmp_path / "run0/upper") == []
 
 
+@pytest.mark.parametrize("delay", [0.001, 0.003, 0.006, 0.01, 0.02])
+def test_interrupted_during_setup(tmp_path: Path, busybox_rootfs: Path, delay: float) -> None:
+    """^C at any point of the setup still leaves an upper dir without stubs."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    bb = Mount("bind", "/bb", busybox_rootfs / "bin", readonly=True)
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, delay)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sh(tmp_path, [], "", argv=["/bb/sleep", "100"], mounts=[bb])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert tree(tmp_path / "run0/upper") == []
+
+
 def test_mounts(tmp_path: Path, busybox_rootfs: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -136,7 +136,6 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, metavar="STAGE",
               help="Do not reuse results for this stage (repeatable).")
 @click.option("--explain", is_flag=True, help="Say why each step missed the cache.")
-@click.option("--pull", is_flag=True, help="Re-resolve the base image (the local store's current tag).")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Add a label to the image (repeatable).")
 @click.option("--iidfile", default=None, type=click.Path(dir_okay=False), help="Write the image id here.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
@@ -145,7 +144,7 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--network", type=click.Choice(["host", "none", "default"]), default="host",
               help="Network for RUN steps (default host).")
 @root_option
-def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache_filter, explain, pull, labels,
+def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache_filter, explain, labels,
           iidfile, quiet, progress_mode, network, root) -> None:
     """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
     import shutil
@@ -295,6 +294,69 @@ def history(ref, no_trunc, root) -> None:
     for created, by, size in reversed(rows):
         shown = by if no_trunc or len(by) <= 70 else by[:67] + "..."
         click.echo(f"{created:20} {human_size(size):>8}  {shown}")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@root_option
+def du(fmt, root) -> None:
+    """Show what the store and the build cache hold, and what prune could reclaim."""
+    from builder.prune import usage
+    from cache.index import CacheIndex
+
+    store = open_store(root)
+    index = CacheIndex(store.root / "cache.db")
+    try:
+        info = usage(store, index)
+    finally:
+        index.close()
+    if fmt == "json":
+        click.echo(json.dumps(info.__dict__, indent=2))
+        return
+    rows = [("images", f"{info.images}", info.image_bytes), ("build cache", f"{info.cache_entries} entries",
+            info.cache_only_bytes), ("unreferenced layers", "", info.unreferenced_bytes),
+            ("cache mounts", "", info.cache_mount_bytes)]
+    click.echo(f"{'TYPE':22} {'COUNT':14} SIZE")
+    for name, count, size in rows:
+        click.echo(f"{name:22} {count:14} {human_size(size)}")
+    click.echo(f"{'total':22} {'':14} {human_size(info.total_bytes)}")
+    click.echo(f"reclaimable by prune: {human_size(info.cache_only_bytes + info.unreferenced_bytes)}"
+               " (prune --all also empties cache mounts)")
+
+
+@main.command()
+@click.option("-a", "--all", "everything", is_flag=True, help="Drop the whole build cache and cache mounts.")
+@click.option("--keep-storage", default=None, metavar="SIZE", help="Keep at most SIZE of cache (e.g. 2GB).")
+@click.option("--filter", "filters", multiple=True, metavar="until=DURATION",
+              help="Drop cache entries not used for DURATION (e.g. until=24h).")
+@root_option
+def prune(everything, keep_storage, filters, root) -> None:
+    """Remove build cache and layers nothing uses; tagged images are never touched."""
+    from builder.prune import parse_age, parse_size, prune as run_prune
+    from cache.index import CacheIndex
+
+    unused_for = None
+    for item in filters:
+        key, eq, value = item.partition("=")
+        if key != "until" or not eq:
+            raise PybuildError(f"unsupported --filter {item!r}: use until=DURATION, e.g. until=24h")
+        unused_for = parse_age(value)
+    if not (everything or keep_storage or unused_for is not None):
+        everything = False
+        unused_for = 0.0  # plain `prune`: every cache entry, but never an image's layers
+    store = open_store(root)
+    index = CacheIndex(store.root / "cache.db")
+    try:
+        report = run_prune(store, index, everything=everything,
+                           keep_storage=parse_size(keep_storage) if keep_storage else None, unused_for=unused_for)
+    finally:
+        index.close()
+    click.echo(f"removed {report.cache_entries} cache entries, {report.images} untagged images and "
+               f"{len(report.deleted)} blobs/layers, "
+               f"freed {human_size(report.freed_bytes)}")
+    if report.skipped_busy:
+        click.echo("some layers were kept: another pybuild process has the store open; run prune again later",
+                   err=True)
 
 
 @main.command()

@@ -742,13 +742,13 @@ class _Stubs:
                 whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
             except FileNotFoundError:
                 whiteout = False
+        if on_overlay:  # reported first: we may be killed right after creating it
+            self.created.add(sub)
+            _send(self.fd, op="created", path=sub, whiteout=whiteout)
         if is_dir:
             os.mkdir(full, 0o755)
         else:
             os.close(os.open(full, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-        if on_overlay:
-            self.created.add(sub)
-            _send(self.fd, op="created", path=sub, whiteout=whiteout)
 
     def _touch(self, parent: str) -> None:
         """Record the times of `parent` and its ancestors before we change them."""

@@ -520,7 +520,8 @@ def _decompressed(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
     if kind == "xz":
         return lzma.LZMAFile(src), kind  # type: ignore[arg-type]
     if kind == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True), kind  # type: ignore[return-value]
+        reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[arg-type]
+        return reader, kind  # type: ignore[return-value]
     return src, None  # type: ignore[return-value]
 
 
@@ -832,7 +833,9 @@ def _lexical(base: tuple[str, ...], rel: str) -> tuple[str, ...] | None:
 def _tarsafe_escapes(root: str, name: str) -> bool:
     """tarsafe's own traversal test (its cheap filter, then path containment)."""
     checker = tarsafe.TarSafe
-    return checker._looks_suspicious(name) and not checker._is_contained(root, os.path.abspath(os.path.join(root, name)))
+    if not checker._looks_suspicious(name):
+        return False
+    return not checker._is_contained(root, os.path.abspath(os.path.join(root, name)))
 
 
 class _Extractor:
@@ -931,8 +934,8 @@ class _Extractor:
                     target = os.fsdecode(os.readlink(part, dir_fd=cur))
                     new = _lexical(() if target.startswith("/") else tuple(resolved), target)
                     if new is None:
-                        raise PybuildError(
-                            f"archive entry {entry!r}: symlink /{'/'.join((*resolved, part))} points outside the destination")
+                        link = "/".join((*resolved, part))
+                        raise PybuildError(f"archive entry {entry!r}: symlink /{link} points outside the destination")
                     parts = (*new, *parts[i + 1:])
                     break
                 resolved.append(part)
@@ -1031,7 +1034,8 @@ class _Extractor:
             self._path_meta(name, pfd, m, chmod=False)
         elif m.kind in ("chr", "blk"):
             if self.overlay and m.kind == "chr" and m.dev == (0, 0):
-                raise PybuildError(f"layer entry {raw!r} is a char device 0:0, which overlay format reads as a whiteout")
+                raise PybuildError(
+                    f"layer entry {raw!r} is a char device 0:0, which overlay format would read as a whiteout")
             if not self.is_root:
                 raise PybuildError(f"archive entry {raw!r} is a device node; creating it needs root")
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK

@@ -1,6 +1,7 @@
 """The layer cache: hits when nothing changed, misses exactly where something did, and says why."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -231,3 +232,22 @@ def test_property_cached_build_equals_no_cache_build(store, tmp_path_factory, ed
         cached = rootfs_listing(store, "cache:test")
         build(store, ctx, "--no-cache")
         assert cached == rootfs_listing(store, "cache:test")
+
+
+def test_du_and_prune_never_touch_tagged_images(store, tmp_path):
+    ctx = make_context(tmp_path / "ctx")
+    build(store, ctx)
+    (ctx / "a.txt").write_text("changed\n")
+    build(store, ctx)  # the first image is now untagged, its layers kept by the cache
+    usage = json.loads(pybuild("du", "--format", "json", store=store).stdout)
+    assert usage["cache_entries"] > 0 and usage["total_bytes"] > 0
+    out = pybuild("prune", "--keep-storage", "0", store=store).stdout.decode()
+    assert re.match(r"removed \d+ cache entries, \d+ untagged images and \d+ blobs/layers", out)
+    after = json.loads(pybuild("du", "--format", "json", store=store).stdout)
+    assert after["cache_only_bytes"] == 0 and after["unreferenced_bytes"] == 0
+    assert pybuild("run", "--rm", "cache:test", "cat", "/a/a.txt", store=store).stdout == b"changed\n"
+    assert pybuild("run", "--rm", "busybox:latest", "true", store=store).returncode == 0
+    pybuild("prune", "--filter", "until=1h", store=store)
+    assert pybuild("prune", "--filter", "since=1h", store=store, check=False).returncode == 1
+    pybuild("prune", "--all", store=store)
+    assert ran(build(store, ctx)) == LAYER_STEPS  # nothing left to hit

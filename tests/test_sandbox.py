@@ -249,7 +249,11 @@ def test_interrupted(tmp_path: Path, busybox_rootfs: Path) -> None:
 
 @pytest.mark.parametrize("delay", [0.001, 0.003, 0.006, 0.01, 0.02])
 def test_interrupted_during_setup(tmp_path: Path, busybox_rootfs: Path, delay: float) -> None:
-    """^C at any point of the setup still leaves an upper dir without stubs."""
+    """^C at any point of the setup still leaves an upper dir without stubs.
+
+    (A ^C landing in one of os.fork's at-fork hooks is swallowed by Python: the run
+    then completes, hence the short command.)
+    """
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -258,8 +262,10 @@ def test_interrupted_during_setup(tmp_path: Path, busybox_rootfs: Path, delay: f
     old = signal.signal(signal.SIGALRM, interrupt)
     signal.setitimer(signal.ITIMER_REAL, delay)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            sh(tmp_path, [], "", argv=["/bb/sleep", "100"], mounts=[bb])
+        try:
+            assert sh(tmp_path, [], "", argv=["/bb/sleep", "0.05"], mounts=[bb]).code == 0
+        except KeyboardInterrupt:
+            pass
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -180,6 +180,26 @@ def test_round_trip_gives_identical_tree_and_digest(tmp_path: Path) -> None:
     assert info2 == info and again == data
 
 
+def test_empty_layer_has_dockers_empty_diff_id(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    data, info = tar_bytes(tmp_path / "empty")
+    assert data == bytes(1024)
+    assert info.diff_id == "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
+
+
+def test_non_utf8_names_round_trip(tmp_path: Path) -> None:
+    layer = os.fsencode(tmp_path / "layer")
+    os.makedirs(layer + b"/dir-\xff")
+    Path(os.fsdecode(layer + b"/dir-\xff/file-\xfe")).write_text("latin-1 bytes")
+    os.symlink(b"target-\xfa", layer + b"/link")
+    data, info = tar_bytes(Path(os.fsdecode(layer)))
+    dest = tmp_path / "out"
+    assert unpack_layer_tar(io.BytesIO(data), dest) == info
+    assert sorted(os.listdir(os.fsencode(dest))) == [b"dir-\xff", b"link"]
+    assert os.readlink(os.fsencode(dest) + b"/link") == b"target-\xfa"
+    assert tar_bytes(dest)[0] == data
+
+
 @root_only
 def test_layer_tar_entries(tmp_path: Path) -> None:
     layer = make_rich_layer(tmp_path / "layer")
@@ -205,7 +225,8 @@ def test_layer_tar_entries(tmp_path: Path) -> None:
     assert by_name["null"].ischr() and (by_name["null"].devmajor, by_name["null"].devminor) == (1, 3)
     assert by_name["loop0"].isblk() and by_name["fifo"].isfifo()
     assert by_name["abs-symlink"].issym() and by_name["abs-symlink"].linkname == "/etc/hostname"
-    assert by_name["bin/ping"].pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == CAPABILITY
+    capability = by_name["bin/ping"].pax_headers["SCHILY.xattr.security.capability"]
+    assert capability.encode("utf-8", "surrogateescape") == CAPABILITY
     assert all(m.mtime == T0 for m in by_name.values())
     for m in by_name.values():  # no atime/ctime anywhere
         assert "atime" not in m.pax_headers and "ctime" not in m.pax_headers

@@ -52,7 +52,7 @@ def main() -> None:
     docs = tar_bytes([
         member("docs", mode=0o755),
         member("docs/README.txt", b"from docs.tar.gz\n"),
-        member("docs/latest", link="README.txt"),
+        member("docs/latest", mode=0o777, link="README.txt"),
     ])
     (HERE / "docs.tar.gz").write_bytes(gzip.compress(docs, mtime=0))
     # data.tar.xz: xz-compressed tar.

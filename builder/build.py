@@ -13,13 +13,10 @@ import shutil
 import stat
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from builder import copying, sandbox
 from builder.context import BuildContext
 from builder.patterns import PatternMatcher, has_wildcards
 from cache.digests import DigestMemo, file_sha256
@@ -28,9 +25,7 @@ from cache.index import CacheIndex, StepResult
 from cache.keys import entry_line, step_key, tree_digest
 from builder.image import Healthcheck, HistoryEntry, ImageConfig, config_to_dict, format_time, host_platform
 from builder.progress import Progress
-from builder.rootfs import in_rootfs, read_text_in_root
 from builder.store import Image, Store
-from builder.users import resolve_user
 from grammar import instructions as ins
 from grammar.dag import PROXY_ARGS, BuildGraph, Scope, Stage, build_graph
 from grammar.errors import PybuildError
@@ -349,6 +344,8 @@ class Builder:
         prefix = f"|{len(shown_args)} " + "".join(f"{k}={v} " for k, v in shown_args.items()) if shown_args else ""
 
         def execute(upper: Path, work: Path) -> None:
+            from builder import sandbox  # imported when needed: a fully cached build never runs anything
+
             read_fd, write_fd = os.pipe()
             try:
                 spec = sandbox.SandboxSpec(
@@ -385,6 +382,8 @@ class Builder:
     def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, context: BuildContext,
                   loc: ins.Location) -> tuple[sandbox.Mount, dict]:
         """The sandbox mount for a RUN --mount, and what of it enters the cache key."""
+        from builder import sandbox
+
         x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
         target = x(mount.target)
         if mount.type == "tmpfs":
@@ -424,29 +423,34 @@ class Builder:
     def source_digest(self, context: BuildContext, match, excludes: list[str] | None = None
                       ) -> tuple[list[str], dict[str, str]]:
         """Key lines of a context source (walked once) and its files' digests for --explain."""
-        lines, files = [], {}
+        lines: list[str] = []
+        files: dict[str, str] = {}
         base = str(match.abs_path)
+        prefix = "" if match.path in (".", "") else match.path.rstrip("/") + "/"
         skip = PatternMatcher(excludes) if excludes else None
-        for rel, st in context.walk(match):
+        digest = self.digests.digest
+        for rel, st in context.walk(match):  # the hot loop of a warm rebuild: keep it lean
             if skip is not None and rel != "." and skip.matches_or_parent_matches(rel):
                 continue
-            path = base if rel == "." else os.path.join(base, rel)
-            if stat.S_ISREG(st.st_mode):
-                content = self.digests.digest(path, st)
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(path)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                content = digest(base if rel == "." else f"{base}/{rel}", st)
+            elif stat.S_ISLNK(mode):
+                content = os.readlink(base if rel == "." else f"{base}/{rel}")
             else:
                 content = ""
-            lines.append(entry_line(rel, st.st_mode, st.st_size, content))
-            if not stat.S_ISDIR(st.st_mode):
-                files[os.path.normpath(os.path.join(match.path, rel))] = f"{stat.S_IMODE(st.st_mode):o}:{content}"
+            lines.append(entry_line(rel, mode, st.st_size, content))
+            if not stat.S_ISDIR(mode):
+                name = match.path if rel == "." else prefix + rel
+                files[name] = f"{stat.S_IMODE(mode):o}:{content}"
         return lines, files
-
-    # -- COPY / ADD ---------------------------------------------------------------------
 
     def prepare_copy(self, state: StageState, item: ins.Copy | ins.Add, graph: BuildGraph,
                      built: dict[int, StageState], context: BuildContext) -> Prepared:
         """Resolve and digest COPY/ADD sources (the key), and how to place them (the step)."""
+        from builder import copying
+        from builder.rootfs import in_rootfs
+
         loc = item.loc
         x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
         cfg = state.config.config
@@ -456,7 +460,7 @@ class Builder:
             dest += "/"
         heredoc_names = {h.name: h for h in item.heredocs}
         extra_roots: dict[str, list[Path]] = {}
-        sources: list[copying.Source] = []
+        sources: list = []
         keys: list[dict] = []
         files: dict[str, str] = {}
         from_ = getattr(item, "from_", None)
@@ -546,6 +550,9 @@ class Builder:
 
     def chown(self, state: StageState, spec: str, loc: ins.Location) -> tuple[int, int]:
         """--chown NAME[:GROUP] resolved through the image's own /etc/passwd and /etc/group."""
+        from builder.rootfs import in_rootfs, read_text_in_root
+        from builder.users import resolve_user
+
         user, _, group = spec.partition(":")
         if user.isdigit() and (not group or group.isdigit()):
             return int(user), int(group) if group else int(user)
@@ -560,8 +567,13 @@ class Builder:
             raise loc.error(f"--chown={spec}: {exc.message}") from None
         return found.uid, found.gid
 
-    def fetch(self, url: str, item: ins.Add, tmp: Path) -> copying.Source:
+    def fetch(self, url: str, item: ins.Add, tmp: Path):
         """ADD <url>: download (checking --checksum), keep the file name, mode 0600 as docker."""
+        import urllib.parse
+        import urllib.request
+
+        from builder import copying
+
         name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
         target = tmp / f"download-{len(list(tmp.iterdir()))}"
         try:

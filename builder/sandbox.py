@@ -32,10 +32,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import socket
@@ -44,7 +44,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from builder.users import resolve_user
 from grammar.errors import PybuildError
@@ -159,49 +159,36 @@ def run(spec: SandboxSpec) -> int:
     """
     _validate(spec)
     env = _environment(spec.env)
-    scratch = Path(tempfile.mkdtemp(prefix="pybuild-sandbox-"))
-    devnull = -1
-    read_fd = -1
     reports = _Reports()
+    cleanup = _Cleanup(spec, reports)
     try:
-        if spec.stdin is None:
-            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        plan = _Plan(spec, env, str(scratch), spec.stdin if spec.stdin is not None else devnull)
-        read_fd, write_fd = os.pipe()
+        cleanup.scratch = tempfile.mkdtemp(prefix="pybuild-sandbox-")
+        stdin = spec.stdin
+        if stdin is None:
+            stdin = cleanup.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        plan = _Plan(spec, env, cleanup.scratch, stdin)
+        # B's reports go to a memory file, not a pipe: read after B is gone, nothing is
+        # lost to a ^C landing between a read and its use.
+        cleanup.reports_fd = os.memfd_create("pybuild-sandbox-reports", os.MFD_CLOEXEC)
+        cleanup.alive_fd, alive_w = os.pipe()
         try:
             pid = _fork_into_new_pid_namespace()
         except BaseException:
-            os.close(write_fd)
+            os.close(alive_w)
             raise
         if pid == 0:  # B, pid 1 of the new namespace
             code = _SETUP_FAILED
             try:
-                code = _container_init(plan, write_fd)
+                code = _container_init(plan, cleanup.reports_fd, alive_w)
             except BaseException as exc:  # report, never unwind into the caller's code
-                _report_exception(write_fd, exc)
+                _report_exception(cleanup.reports_fd, exc)
             finally:
                 os._exit(code)
-        try:
-            os.close(write_fd)
-            reports.read(read_fd)  # until B and C have closed their ends
-            code = _exit_code(os.waitpid(pid, 0)[1])
-        except BaseException:
-            _kill(pid)
-            reports.read(read_fd)  # what B said before it died: the stubs to remove
-            raise
+        cleanup.child = _Child(pid)
+        os.close(alive_w)
+        code = cleanup.child.wait()
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
-        if devnull >= 0:
-            os.close(devnull)
-        if spec.upper_dir is not None:
-            _remove_stubs(str(spec.upper_dir), reports)
-            # overlay refuses a work dir a "volatile" mount used until this is gone
-            shutil.rmtree(Path(spec.work_dir or "", "work", "incompat", "volatile"), ignore_errors=True)
-        try:
-            os.rmdir(scratch)  # empty: B's tmpfs on it died with B's mount namespace
-        except OSError:
-            pass
+        cleanup.run()
     for report in reports:
         if report["op"] == "error":
             raise PybuildError(report["message"] if report["user"] else f"sandbox setup failed: {report['message']}")
@@ -240,31 +227,115 @@ def _environment(env: list[str] | dict[str, str]) -> list[str]:
 class _Reports(list[dict[str, Any]]):
     """B's JSON-lines reports: stubs it created, dirs it touched, errors."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._partial = b""
+    def load(self, fd: int) -> None:
+        """All of them, from the start of the file; a last line cut short by SIGKILL is skipped."""
+        data = b""
+        while chunk := os.pread(fd, 1 << 20, len(data)):
+            data += chunk
+        records = []
+        for line in data.split(b"\n"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        self[:] = records
 
-    def read(self, fd: int) -> None:
-        """Everything until every writer is gone (B and, until it execs, C)."""
-        while chunk := os.read(fd, 65536):
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            self.extend(json.loads(line) for line in lines if line)
 
+class _Child:
+    """B as the caller sees it; killable without a pid-reuse race (a pidfd, Linux 5.3)."""
 
-def _kill(pid: int) -> None:
-    """Interrupted: kill pid 1, which takes the whole namespace along, and reap it."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    while True:
+    def __init__(self, pid: int) -> None:
+        self.pid: int | None = pid
         try:
-            os.waitpid(pid, 0)
-            return
-        except ChildProcessError:
-            return
-        except KeyboardInterrupt:
-            continue
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = -1
+
+    def wait(self) -> int:
+        assert self.pid is not None
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        return _exit_code(status)
+
+    def kill(self) -> None:
+        """SIGKILL pid 1, which takes the whole namespace along, and reap it."""
+        if self.pid is not None:
+            try:
+                if self.pidfd >= 0:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.pid = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+@dataclass
+class _Cleanup:
+    """Everything `run` must undo, done even when ^C arrives meanwhile."""
+
+    spec: SandboxSpec
+    reports: _Reports
+    scratch: str | None = None
+    devnull: int = -1
+    reports_fd: int = -1
+    alive_fd: int = -1  # B writes to it: EPIPE once we are gone
+    child: _Child | None = None
+
+    def run(self) -> None:
+        """Each step is idempotent: one a KeyboardInterrupt broke off is done again,
+        and the interrupt is raised once everything is clean."""
+        pending: list[BaseException] = []
+
+        def do(step: Callable[[], Any]) -> Any:
+            while True:
+                try:
+                    return step()
+                except KeyboardInterrupt as exc:
+                    pending.append(exc)
+
+        do(self._stop_child)
+        do(self._load_reports)
+        if self.spec.upper_dir is not None:
+            for step in do(lambda: _stub_removal(str(self.spec.upper_dir), self.reports)):
+                do(step)
+        do(self._remove_volatile)
+        do(self._close)
+        if pending:
+            raise pending[0]
+
+    def _stop_child(self) -> None:
+        if self.child is not None:
+            self.child.kill()
+
+    def _load_reports(self) -> None:
+        if self.reports_fd >= 0:
+            self.reports.load(self.reports_fd)
+
+    def _remove_volatile(self) -> None:
+        # overlay refuses a work dir a "volatile" mount used until this is gone
+        if self.spec.work_dir is not None:
+            shutil.rmtree(Path(self.spec.work_dir, "work", "incompat", "volatile"), ignore_errors=True)
+
+    def _close(self) -> None:
+        for name in ("reports_fd", "alive_fd", "devnull"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self.scratch is not None:
+            try:
+                os.rmdir(self.scratch)  # empty: B's tmpfs on it died with B's mount namespace
+            except OSError:
+                pass
+            self.scratch = None
 
 
 def _fork_into_new_pid_namespace() -> int:
@@ -293,8 +364,8 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _remove_stubs(upper: str, reports: _Reports) -> None:
-    """Undo the mount points B created in the upper dir, and the times it changed.
+def _stub_removal(upper: str, reports: _Reports) -> list[Callable[[], None]]:
+    """The steps undoing the mount points B created in the upper dir and the times it changed.
 
     A directory B only touched is left alone if the command changed it since
     (B's "post" snapshot differs); one that B brought into the upper dir (copy-up
@@ -304,31 +375,43 @@ def _remove_stubs(upper: str, reports: _Reports) -> None:
     dirs = [r for r in reports if r["op"] == "dir"]
     post = {r["path"]: r["state"] for r in reports if r["op"] == "post"}
     untouched = {d["path"] for d in dirs if d["path"] not in post or _dir_state(upper, d["path"]) == post[d["path"]]}
+    steps: list[Callable[[], None]] = []
     for rec in reversed(created):
         path = _join(upper, rec["path"])
-        try:
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                os.unlink(path)
-            else:
-                continue
-            if rec["whiteout"]:
-                os.mknod(path, stat.S_IFCHR, 0)
-        except OSError:
-            continue  # the command put something there: keep it
+        steps.append(functools.partial(_remove_stub, path))
+        if rec["whiteout"]:  # we replaced a whiteout of the upper dir: put it back
+            steps.append(functools.partial(_restore_whiteout, path))
     for d in sorted(dirs, key=lambda d: -d["path"].count("/") - bool(d["path"])):
-        if d["path"] not in untouched:
-            continue
-        path = _join(upper, d["path"])
-        try:
-            if not d["in_upper"] and not os.listdir(path):
-                os.rmdir(path)
-            else:
-                os.utime(path, ns=(d["atime"], d["mtime"]), follow_symlinks=False)
-        except OSError:
-            pass
+        if d["path"] in untouched:
+            steps.append(functools.partial(_settle_dir, _join(upper, d["path"]), d))
+    return steps
+
+
+def _remove_stub(path: str) -> None:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(path)
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass  # gone already, or the command put something there: keep it
+
+
+def _restore_whiteout(path: str) -> None:
+    if not os.path.lexists(path):
+        os.mknod(path, stat.S_IFCHR, 0)
+
+
+def _settle_dir(path: str, rec: dict[str, Any]) -> None:
+    """An untouched dir: out of the upper dir again if we brought it there, else its times back."""
+    try:
+        if not rec["in_upper"] and not os.listdir(path):
+            os.rmdir(path)
+        else:
+            os.utime(path, ns=(rec["atime"], rec["mtime"]), follow_symlinks=False)
+    except OSError:
+        pass
 
 
 def _dir_state(upper: str, rel: str) -> list[int] | None:
@@ -363,10 +446,7 @@ class _Plan:
 
 
 def _send(fd: int, **record: Any) -> None:
-    data = (json.dumps(record) + "\n").encode()
-    if len(data) > select.PIPE_BUF:  # keep every report one atomic write
-        raise OSError(errno.ENAMETOOLONG, "path too long for a mount point")
-    os.write(fd, data)
+    os.write(fd, (json.dumps(record) + "\n").encode())  # one write: whole lines only
 
 
 def _report_exception(fd: int, exc: BaseException) -> None:
@@ -387,19 +467,21 @@ def _set_signal(signum: int, handler: int) -> None:
     _libc.signal(ctypes.c_int(signum), ctypes.c_void_p(handler))
 
 
-def _container_init(plan: _Plan, report_fd: int) -> int:
+def _container_init(plan: _Plan, report_fd: int, alive_fd: int) -> int:
     """B, pid 1: build the container's file system, start the command, reap until it ends."""
     spec = plan.spec
-    # Drop every fd but ours at once: another thread's run may have its report pipe or
-    # the command's output pipe open in the caller, and holding them would delay its EOF.
-    _close_fds_except({0, 1, 2, report_fd, plan.stdin, *(fd for fd in (spec.stdout, spec.stderr) if fd is not None)})
+    # Drop every fd but ours at once: another thread's run may have the command's output
+    # pipe open in the caller, and holding it would delay its reader's EOF.
+    keep = {0, 1, 2, report_fd, alive_fd, plan.stdin, *(fd for fd in (spec.stdout, spec.stderr) if fd is not None)}
+    _close_fds_except(keep)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         _set_signal(signum, 1)  # ^C reaches the caller, which kills us
     _set_signal(signal.SIGCHLD, 0)  # we reap, whatever the caller chose
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     if _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         raise _oserror("prctl")
-    os.write(report_fd, b"\n")  # EPIPE if the caller died before we asked to die with it
+    os.write(alive_fd, b".")  # EPIPE if the caller died before we asked to die with it
+    os.close(alive_fd)
     _libc.prctl(PR_SET_NAME, b"pybuild-init", 0, 0, 0)  # /proc/1/comm in the container
     flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | (CLONE_NEWNET if spec.network == "none" else 0)
     if _libc.unshare(flags) != 0:
@@ -450,7 +532,6 @@ def _container_init(plan: _Plan, report_fd: int) -> int:
         pid = _spawn(spec.argv, env, stdio)
     except _ExecFailed as exc:
         return exc.status
-    os.close(report_fd)
     while True:  # reap everything orphaned into us until the command itself is done
         done, status = os.waitpid(-1, 0)
         if done == pid:

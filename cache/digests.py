@@ -17,10 +17,6 @@ from cachetools import LRUCache
 CHUNK = 1 << 20
 
 
-def stat_key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-
-
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as stream:
@@ -35,21 +31,18 @@ def file_sha256(path: str) -> str:
 class DigestMemo:
     """stat key -> sha256 hex; `load` fills it from the database, `pending` is what to save."""
 
-    def __init__(self, load: Callable[[], dict[str, str]] | None = None, maxsize: int = 2_000_000) -> None:
-        self._memory: LRUCache[str, str] = LRUCache(maxsize=maxsize)
+    def __init__(self, load: Callable[[], dict[str, str]] | None = None, maxsize: int = 1_000_000) -> None:
+        self._memory: LRUCache[str, str] = LRUCache(maxsize=maxsize)  # digested by this process
+        self._stored: dict[str, str] | None = None  # read from the database on first use
         self._load = load
         self.pending: dict[str, str] = {}
         self.reads = 0
 
-    def _ensure_loaded(self) -> None:
-        if self._load is not None:
-            self._memory.update(self._load())
-            self._load = None
-
     def digest(self, path: str, st: os.stat_result) -> str:
-        self._ensure_loaded()
-        key = stat_key(st)
-        found = self._memory.get(key)
+        if self._stored is None:
+            self._stored = self._load() if self._load is not None else {}
+        key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        found = self._stored.get(key) or self._memory.get(key)
         if found is None:
             found = file_sha256(path)
             self.reads += 1

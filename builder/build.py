@@ -169,9 +169,11 @@ class Builder:
                 state.key = key
                 return True
             if self.index is not None and (self.explain_misses or self.progress.mode == "plain") and use_cache:
-                why = explain(self.index.previous_record(identity), record)
-                self.progress.note(f"cache miss: {why}" if self.progress.mode != "plain"
-                                   else f"#{self.progress.number} cache miss: {why}")
+                previous = self.index.previous_record(identity)
+                if previous is not None or self.explain_misses:  # a first build needs no excuse in CI logs
+                    why = explain(previous, record)
+                    self.progress.note(f"cache miss: {why}" if self.progress.mode != "plain"
+                                       else f"#{self.progress.number} cache miss: {why}")
             upper, work = self.store.make_work_dir()
             try:
                 prepared.execute(upper, work)

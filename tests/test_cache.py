@@ -53,7 +53,7 @@ def make_context(path: Path) -> Path:
 
 def build(store: Path, ctx: Path, *args: str) -> dict[str, str]:
     """Build; return each step's instruction -> 'CACHED' or 'RAN', plus '_explain' lines and '_out'."""
-    out = pybuild("build", "--progress", "plain", "-t", "cache:test", *args, str(ctx), store=store)
+    out = pybuild("build", "--progress", "plain", "--explain", "-t", "cache:test", *args, str(ctx), store=store)
     text = out.stderr.decode()
     titles = dict(re.findall(r"^#(\d+) \[[^\]]*\d+/\d+\] (.*)$", text, re.M))
     states = {}

@@ -34,6 +34,7 @@ BASE = "pybuild-bench-busybox"          # the base image's name in every store
 TAG_PREFIX = "pybuild-bench"
 BIG_MB = 200
 ALL_TOOLS = ("pybuild", "docker", "docker-legacy", "buildah")
+LOAD_START = 0.0
 
 
 class Skip(Exception):
@@ -452,6 +453,8 @@ def main() -> int:
         scens = [s for s in scens if s.name in names]
 
     started = time.perf_counter()
+    global LOAD_START
+    LOAD_START = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="pybuild-bench-", dir=args.workdir))
     print(f"work dir: {work} ({fs_type(work)}); {runs} runs + {args.warmup} warm-up per scenario and tool",
           file=sys.stderr)
@@ -594,25 +597,29 @@ def print_report(tools, skipped, scens, results, commands, runs, args, work: Pat
     print(f"\n### Build benchmark: wall clock per whole build, median (min-max) of {runs} runs\n")
     print(f"Machine: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
           f"work dir on {fs_type(work)}; cache off in every tool; RUN steps on the host network; "
-          f"{'`sync` timed with each build' if args.include_sync else '`sync` between builds, untimed'}.\n")
+          f"{'`sync` timed with each build' if args.include_sync else '`sync` between builds, untimed'}; "
+          f"load average {LOAD_START:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.\n")
     print("| scenario | " + " | ".join(t.label for t in tools) + " |")
     print("|---|" + "---|" * len(tools))
     for scen in scens:
         print(f"| {scen.title} | " + " | ".join(cell(get(t, scen.name)) for t in tools) + " |")
 
-    def med(tool, name):
+    def stat(tool, name, f):
         r = get(tool, name)
-        return statistics.median(r.times) if r and r.times and not r.error else None
+        return f(r.times) if r and r.times and not r.error else None
+
+    def delta(tool, a, b, n):
+        """`median-based ms / min-based ms` (the min is less sensitive to other load on the machine)."""
+        parts = [diff(stat(tool, a, f), stat(tool, b, f), n) for f in (statistics.median, min)]
+        return "-" if None in parts else " / ".join(f"{v * 1000:.0f}" for v in parts) + " ms"
 
     names = {s.name for s in scens}
-    derived = []
     if {"from-only", "run-true"} <= names:
-        derived.append(("per RUN step: (RUN true) - (FROM only)", lambda t: diff(med(t, "run-true"), med(t, "from-only"), 1)))
+        print("| per RUN step: (RUN true) - (FROM only), median / min | "
+              + " | ".join(delta(t, "run-true", "from-only", 1) for t in tools) + " |")
     if {"run-true", "run-20"} <= names:
-        derived.append(("per RUN step, marginal: (20 RUN - 1 RUN) / 19", lambda t: diff(med(t, "run-20"), med(t, "run-true"), 19)))
-    for title, f in derived:
-        vals = [f(t) for t in tools]
-        print(f"| {title} | " + " | ".join("-" if v is None else f"{v * 1000:.0f} ms" for v in vals) + " |")
+        print("| per RUN step, marginal: (20 RUN - 1 RUN) / 19, median / min | "
+              + " | ".join(delta(t, "run-20", "run-true", 19) for t in tools) + " |")
 
     print("\nTools:")
     for t in tools:

@@ -108,7 +108,19 @@ def open_store(root: str | None):
     from builder.store import Store, default_root
 
     path = Path(root or os.environ.get("PYBUILD_ROOT") or default_root())
-    return Store.open(path)
+    store = Store.open(path)
+    store.keep.append(lambda: cache_layers(store))  # rmi/gc must not delete what the cache points to
+    return store
+
+
+def cache_layers(store) -> set[str]:
+    from cache.index import CacheIndex
+
+    index = CacheIndex(store.root / "cache.db")
+    try:
+        return {step.diff_id for step in index.steps() if step.diff_id}
+    finally:
+        index.close()
 
 
 root_option = click.option("--root", envvar="PYBUILD_ROOT", default=None, metavar="DIR",

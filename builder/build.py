@@ -335,7 +335,7 @@ class Builder:
     def prepare_run(self, state: StageState, item: ins.Run, graph: BuildGraph, context: BuildContext,
                     request: BuildRequest) -> Prepared:
         cfg = state.config.config
-        argv = self.run_argv(state, item)
+        argv, script = self.run_argv(state, item)
         env = dict(e.partition("=")[::2] for e in cfg.env)
         env.setdefault("PATH", DEFAULT_PATH)
         build_env = {k: v for k, v in state.scope.args.items() if k not in env}
@@ -348,12 +348,18 @@ class Builder:
         def execute(upper: Path, work: Path) -> None:
             from builder import sandbox  # imported when needed: a fully cached build never runs anything
 
+            extra = [m for m, _ in mounts]
+            if script is not None:  # beside the layer dirs, outside the upper dir: never in the layer
+                path = upper.parent / f"script-{script[0]}"
+                path.write_text(script[1])
+                path.chmod(0o755)
+                extra.append(sandbox.Mount("bind", f"/dev/pipes/{script[0]}", path, True))
             read_fd, write_fd = os.pipe()
             try:
                 spec = sandbox.SandboxSpec(
                     lower_dirs=state.lowers, upper_dir=upper, work_dir=work, argv=argv,
                     env={**env, **build_env, **proxies}, cwd=cfg.working_dir or "/", user=cfg.user,
-                    network="none" if network == "none" else "host", mounts=[m for m, _ in mounts],
+                    network="none" if network == "none" else "host", mounts=extra,
                     stdout=write_fd, stderr=write_fd)
                 code = self.progress.run_with_output(lambda: sandbox.run(spec), read_fd, write_fd)
             finally:
@@ -363,23 +369,27 @@ class Builder:
                 raise item.loc.error(f"RUN failed with exit code {code}: {shown}")
 
         # Proxies reach the command but neither the key nor the history, as in docker build.
-        inputs = {"argv": argv, "env": env, "args": build_env, "cwd": cfg.working_dir, "user": cfg.user,
+        inputs = {"argv": argv, "script": script, "env": env, "args": build_env, "cwd": cfg.working_dir,
+                  "user": cfg.user,
                   "network": network, "mounts": [key for _, key in mounts], "security": item.security}
         record = {"args": build_env, "env": env}
         return Prepared(inputs, record, f"RUN {prefix}{' '.join(argv)}", execute)
 
-    def run_argv(self, state: StageState, item: ins.Run) -> list[str]:
+    def run_argv(self, state: StageState, item: ins.Run) -> tuple[list[str], tuple[str, str] | None]:
+        """The command line, and (name, text) of a `#!` script to mount at /dev/pipes/<name>."""
         shell = list(state.config.config.shell or DEFAULT_SHELL)
         if item.command.exec_form:
-            return list(item.command.args)
+            return list(item.command.args), None
         text = item.command.shell_text
         if item.heredocs:
             first = item.heredocs[0]
             if len(item.heredocs) == 1 and heredoc_markers(text.strip()) and " " not in text.strip():
-                return shell + [first.text]  # `RUN <<EOF`: the heredoc is the script
+                if first.text.startswith("#!"):  # as BuildKit: a script file run by its own interpreter
+                    return [f"/dev/pipes/{first.name}"], (first.name, first.text)
+                return shell + [first.text], None  # `RUN <<EOF`: the heredoc is the script
             # Let the shell read the here-documents itself: the line, then each body and terminator.
             text = text + "\n" + "".join(h.content + h.name + "\n" for h in item.heredocs)
-        return shell + [text]
+        return shell + [text], None
 
     def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, context: BuildContext,
                   loc: ins.Location) -> tuple[sandbox.Mount, dict]:

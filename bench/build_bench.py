@@ -96,6 +96,10 @@ class Tool:
 
     name = ""
     label = ""
+    cached = False  # bench/cache_bench.py turns the build cache on
+
+    def cache_flags(self) -> list[str]:
+        return [] if self.cached else ["--no-cache"]
 
     def __init__(self, work: Path) -> None:
         self.work = work
@@ -141,7 +145,7 @@ class Pybuild(Tool):
         self.pb("save", "--root", str(self.store), "-o", str(dest), f"{BASE}:latest")
 
     def build_cmd(self, ctx, tag, iidfile):
-        return ([*self.cli, "build", "--root", str(self.store), "--no-cache", "--network", "host",
+        return ([*self.cli, "build", "--root", str(self.store), *self.cache_flags(), "--network", "host",
                  "--progress", "plain", "-t", tag, "--iidfile", str(iidfile), str(ctx)], self.env)
 
     def run_in(self, image, shell_cmd):
@@ -214,7 +218,7 @@ class DockerBase(Tool):
         st["ready"] = True
 
     def build_cmd(self, ctx, tag, iidfile):
-        argv = [self.client, "build", "--no-cache", "--network", "host", "-t", tag, "--iidfile", str(iidfile)]
+        argv = [self.client, "build", *self.cache_flags(), "--network", "host", "-t", tag, "--iidfile", str(iidfile)]
         if self.buildkit:
             argv += ["--progress", "plain"]
         else:
@@ -351,7 +355,8 @@ class Buildah(Tool):
         self.ready = True
 
     def build_cmd(self, ctx, tag, iidfile):
-        return (["buildah", *self.global_args, "bud", "--layers=false", "--no-cache", "--network", "host",
+        flags = ["--layers"] if self.cached else ["--layers=false", "--no-cache"]
+        return (["buildah", *self.global_args, "bud", *flags, "--network", "host",
                  "-t", tag, "--iidfile", str(iidfile), str(ctx)], self.env)
 
     def run_in(self, image, shell_cmd):
@@ -433,6 +438,9 @@ def main() -> int:
     ap.add_argument("--random", action="store_true", help="write the 200 MB from /dev/urandom (incompressible)")
     ap.add_argument("--include-sync", action="store_true",
                     help="time `sync` as part of each build (default: sync untimed between builds)")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="seconds to pause (untimed) after each build, so dockerd's background work "
+                         "does not land in the next build's time (default 0.5)")
     ap.add_argument("--no-verify", action="store_true", help="skip checking the built images' contents")
     ap.add_argument("--workdir", default=None, help="where the temporary stores go (default: the temp dir)")
     args = ap.parse_args()
@@ -543,6 +551,7 @@ def main() -> int:
                     tool.remove(tag, image)
                     if not args.include_sync:
                         os.sync()
+                    time.sleep(args.settle)  # let a daemon's after-build work finish before the next build
 
         print_report(tools, skipped, scens, results, commands, runs, args, work)
         bad = [k for k, r in results.items() if r.error or (r.check and r.check != "ok")]
@@ -597,7 +606,8 @@ def print_report(tools, skipped, scens, results, commands, runs, args, work: Pat
     print(f"\n### Build benchmark: wall clock per whole build, median (min-max) of {runs} runs\n")
     print(f"Machine: {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
           f"work dir on {fs_type(work)}; cache off in every tool; RUN steps on the host network; "
-          f"{'`sync` timed with each build' if args.include_sync else '`sync` between builds, untimed'}; "
+          f"{'`sync` timed with each build' if args.include_sync else '`sync` between builds, untimed'}, "
+          f"then a {args.settle:g} s pause; "
           f"load average {LOAD_START:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.\n")
     print("| scenario | " + " | ".join(t.label for t in tools) + " |")
     print("|---|" + "---|" * len(tools))

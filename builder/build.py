@@ -11,11 +11,10 @@ import hashlib
 import os
 import shutil
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from builder.context import BuildContext
 from builder.patterns import PatternMatcher, has_wildcards
@@ -32,6 +31,9 @@ from grammar.errors import PybuildError
 from grammar.lexer import heredoc_markers
 from grammar.parser import parse, parse_file
 from grammar.shell import expand
+
+if TYPE_CHECKING:
+    from builder import sandbox
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -154,7 +156,7 @@ class Builder:
                 self.index.record(StepResult(key, None, state.config.history[-1].created, created_by), None, None)
             state.key = key
             return False
-        prepared = self.prepare_run(state, item, graph, context, request) if isinstance(item, ins.Run) \
+        prepared = self.prepare_run(state, item, graph, built, context, request) if isinstance(item, ins.Run) \
             else self.prepare_copy(state, item, graph, built, context)
         try:
             key = step_key(state.key, item.name, prepared.inputs)
@@ -332,8 +334,8 @@ class Builder:
 
     # -- RUN -----------------------------------------------------------------------------
 
-    def prepare_run(self, state: StageState, item: ins.Run, graph: BuildGraph, context: BuildContext,
-                    request: BuildRequest) -> Prepared:
+    def prepare_run(self, state: StageState, item: ins.Run, graph: BuildGraph, built: dict[int, StageState],
+                    context: BuildContext, request: BuildRequest) -> Prepared:
         cfg = state.config.config
         argv, script = self.run_argv(state, item)
         env = dict(e.partition("=")[::2] for e in cfg.env)
@@ -341,7 +343,7 @@ class Builder:
         build_env = {k: v for k, v in state.scope.args.items() if k not in env}
         proxies = {p: request.build_args[p] for p in PROXY_ARGS if p in request.build_args and p not in build_env}
         network = item.network or request.network
-        mounts = [self.run_mount(state, m, graph, context, item.loc) for m in item.mounts]
+        mounts = [self.run_mount(state, m, graph, built, context, item.loc) for m in item.mounts]
         shown_args = {k: v for k, v in sorted(build_env.items()) if k not in PROXY_ARGS}
         prefix = f"|{len(shown_args)} " + "".join(f"{k}={v} " for k, v in shown_args.items()) if shown_args else ""
 
@@ -391,8 +393,8 @@ class Builder:
             text = text + "\n" + "".join(h.content + h.name + "\n" for h in item.heredocs)
         return shell + [text], None
 
-    def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, context: BuildContext,
-                  loc: ins.Location) -> tuple[sandbox.Mount, dict]:
+    def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, built: dict[int, StageState],
+                  context: BuildContext, loc: ins.Location) -> tuple["sandbox.Mount", dict]:
         """The sandbox mount for a RUN --mount, and what of it enters the cache key."""
         from builder import sandbox
 
@@ -416,8 +418,17 @@ class Builder:
                                                                           "id": ident}
         if mount.type == "bind":
             if mount.from_:
-                raise loc.error("RUN --mount=type=bind,from=<stage> is not supported yet: "
-                                "COPY --from the files you need instead")
+                from builder.rootfs import mount_stage_root, resolve_in_root
+
+                layers, source_id = self.source_root(x(mount.from_), graph, built, loc)
+                root = self.store.temp_dir("mount") / "root"
+                mount_stage_root(layers, root, mount.readonly)
+                source = resolve_in_root(root, x(mount.source) or "/")
+                if not os.path.lexists(source):
+                    raise loc.error(f"--mount from={mount.from_}: {mount.source or '/'} does not exist there")
+                return sandbox.Mount("bind", target, source, mount.readonly), {
+                    "type": "bind", "target": target, "readonly": mount.readonly, "from": source_id,
+                    "source": mount.source}
             matches = context.resolve_sources([x(mount.source) or "."], allow_wildcards=False, instruction="RUN")
             lines, _ = self.source_digest(context, matches[0])
             return sandbox.Mount("bind", target, matches[0].abs_path, mount.readonly), {
@@ -478,18 +489,10 @@ class Builder:
         from_ = getattr(item, "from_", None)
         excludes = [x(e) for e in item.excludes]
         wildcard = False
-        tmp = Path(tempfile.mkdtemp(prefix="pybuild-add-", dir=self.store.root / "tmp"))
+        tmp = self.store.temp_dir("add")
         source_id = None
         if from_:
-            ref = x(from_)
-            other = graph.find(ref)
-            if other is not None:
-                layers, source_id = list(reversed(built[other.index].layers)), built[other.index].key
-            else:
-                image = self.store.find_image(ref)
-                if image is None:
-                    raise loc.error(f"COPY --from={ref}: no stage or image named {ref!r} in the store")
-                layers, source_id = list(reversed(self.store.layer_dirs(image))), image.id
+            layers, source_id = self.source_root(x(from_), graph, built, loc)
             extra_roots["src"] = layers
             for word in item.sources:
                 pattern = x(word)
@@ -559,6 +562,17 @@ class Builder:
         record = {"files": files, "source": source_id, "env": dict(e.partition("=")[::2] for e in cfg.env)}
         return Prepared(inputs, record, f"{item.name} {' '.join(item.sources)} {item.dest}", execute,
                         lambda: shutil.rmtree(tmp, ignore_errors=True))
+
+    def source_root(self, ref: str, graph: BuildGraph, built: dict[int, StageState],
+                    loc: ins.Location) -> tuple[list[Path], str]:
+        """The layers (top-most first) and identity of a `--from` stage or image."""
+        other = graph.find(ref)
+        if other is not None:
+            return list(reversed(built[other.index].layers)), built[other.index].key
+        image = self.store.find_image(ref)
+        if image is None:
+            raise loc.error(f"--from={ref}: no stage or image named {ref!r} in the store")
+        return list(reversed(self.store.layer_dirs(image))), image.id
 
     def chown(self, state: StageState, spec: str, loc: ins.Location) -> tuple[int, int]:
         """--chown NAME[:GROUP] resolved through the image's own /etc/passwd and /etc/group."""

@@ -160,7 +160,6 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
           iidfile, quiet, progress_mode, network, root) -> None:
     """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
     import shutil
-    import tempfile
 
     from builder.build import Builder, BuildRequest
     from builder.image import parse_reference
@@ -175,7 +174,7 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
         if context == "-":
             from builder.context import BuildContext
 
-            cleanup = tempfile.mkdtemp(prefix="pybuild-stdin-", dir=store.root / "tmp")
+            cleanup = store.temp_dir("stdin")
             ctx = BuildContext.from_tar(sys.stdin.buffer, cleanup)
             context_dir = Path(ctx.root)
         else:

@@ -45,6 +45,8 @@ def in_rootfs(lower_dirs: list[Path], upper: tuple[Path, Path] | None, fn: Calla
         try:
             _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
             _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+            from builder.sandbox import mount_overlay
+
             root = scratch / "root"
             root.mkdir()
             mount_overlay([str(p) for p in lower_dirs], (str(upper[0]), str(upper[1])) if upper else None,
@@ -87,23 +89,33 @@ def in_rootfs(lower_dirs: list[Path], upper: tuple[Path, Path] | None, fn: Calla
     raise RuntimeError(f"rootfs helper failed:\n{value}")
 
 
-def mount_overlay(lowers: list[str], upper: tuple[str, str] | None, target: str, scratch: str) -> None:
-    """Mount an overlay of `lowers` (top-most first) at target, read-only when upper is None."""
-    from builder import sandbox
-
-    lowers = lowers or [_empty_dir(scratch)]
-    if upper is None and len(lowers) == 1:
-        lowers = lowers + [_empty_dir(scratch)]  # overlay needs two lowers without an upper
-    try:
-        sandbox._mount_overlay_fsopen(lowers, upper, target)
-    except sandbox._NoNewMountApi:
-        raise OSError("the kernel lacks the overlay lowerdir+ option (Linux 6.8 or newer is needed)") from None
+_private = False
 
 
-def _empty_dir(scratch: str) -> str:
-    path = os.path.join(scratch, "empty")
-    os.makedirs(path, exist_ok=True)
-    return path
+def enter_private_mount_namespace() -> None:
+    """Give this process its own mount namespace (once): whatever it mounts is invisible to the
+    host and vanishes with the process, even after SIGKILL. Sandboxes forked later inherit it."""
+    global _private
+    if _private:
+        return
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+    _private = True
+
+
+def mount_stage_root(layers: list[Path], target: Path, readonly: bool) -> None:
+    """A stage's or image's merged root at target (for RUN --mount=type=bind,from=...);
+    writable mounts get a throwaway upper dir beside target, as BuildKit discards such writes."""
+    enter_private_mount_namespace()
+    target.mkdir(parents=True, exist_ok=True)
+    upper = None
+    if not readonly:
+        (target.parent / "upper").mkdir(exist_ok=True)
+        (target.parent / "work").mkdir(exist_ok=True)
+        upper = (str(target.parent / "upper"), str(target.parent / "work"))
+    from builder.sandbox import mount_overlay
+
+    mount_overlay([str(p) for p in layers], upper, str(target), str(target.parent))
 
 
 def resolve_in_root(root: Path, path: str) -> Path:

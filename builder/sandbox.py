@@ -12,17 +12,17 @@ memory) and one vfork. Two processes, each with one job:
   **C**, the command. B reaps orphans until C exits, then exits with C's
   status; a PID namespace dies with its pid 1, killing whatever the command
   left behind.
-* the caller reads B's reports from a pipe, then reaps B; interrupted, it
-  SIGKILLs B and reaps it.
+* the caller reaps B, then reads B's reports; interrupted, it SIGKILLs B
+  first (its ^C-proof cleanup is `_Cleanup`).
 
 Nothing can outlive a run: the mounts exist only in B's private mount
 namespace, and B gets SIGKILL if the calling thread dies (PR_SET_PDEATHSIG).
 
 Mount points the image lacks (``/proc`` in a scratch image, ``/etc/hosts``,
 a RUN --mount target) must be created to mount over them, and they land in
-the upper dir. B reports each one it creates (and the times of the directories
-it touched) over a pipe; after the run the caller removes them from the upper
-dir again, so the upper dir holds exactly what the command wrote.
+the upper dir. B reports each one before it creates it (and the times of the
+directories it touches) in a memfd; after the run the caller removes them from
+the upper dir again, so the upper dir holds exactly what the command wrote.
 
 The children only run `os` calls, ctypes calls into libc loaded at import and
 already-imported pure Python, since the caller may have threads.
@@ -30,6 +30,7 @@ already-imported pure Python, since the caller may have threads.
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import errno
 import fcntl
 import functools
@@ -42,9 +43,10 @@ import socket
 import stat
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from builder.users import resolve_user
 from grammar.errors import PybuildError
@@ -53,11 +55,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORK_MODES = ("host", "none")
 # A plain diff in the upper dir: whiteouts and opaque dirs only, no redirects,
 # metacopy-only files or inode index. Every 6.x kernel takes all four.
-# "volatile" (5.10) skips the sync of the whole upper file system at unmount
-# (~2 ms a run): a crashed build's upper dir is thrown away anyway. It leaves
-# work/incompat/volatile behind, which `run` removes so the dirs can be reused.
 OVERLAY_OPTIONS: tuple[tuple[str, str | None], ...] = (
-    ("index", "off"), ("redirect_dir", "off"), ("metacopy", "off"), ("xino", "off"), ("volatile", None))
+    ("index", "off"), ("redirect_dir", "off"), ("metacopy", "off"), ("xino", "off"))
+# `run` adds "volatile" (5.10): no sync of the whole upper file system at unmount
+# (~2 ms a run; a crashed build's upper dir is thrown away anyway). It leaves
+# work/incompat/volatile behind, which `run` removes so the dirs can be reused.
+VOLATILE = ("volatile", None)
 
 # -- kernel interface -------------------------------------------------------------------
 
@@ -78,7 +81,8 @@ FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC, MOVE_MOUNT_F_EMPTY_PATH = 1, 1, 4
 MOUNT_ATTR_RDONLY, AT_FDCWD, AT_RECURSIVE = 1, -100, 0x8000
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
-_SETUP_FAILED = 125  # exit status of A/B when they reported an error
+_SETUP_FAILED = 125  # exit status of B when it reported an error
+_ALL_SIGNALS = tuple(sorted(signal.valid_signals()))
 _DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
 _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
               ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
@@ -172,20 +176,19 @@ def run(spec: SandboxSpec) -> int:
         cleanup.reports_fd = os.memfd_create("pybuild-sandbox-reports", os.MFD_CLOEXEC)
         cleanup.alive_fd, alive_w = os.pipe()
         try:
-            pid = _fork_into_new_pid_namespace()
-        except BaseException:
+            with _signals_deferred():
+                pid = _fork_into_new_pid_namespace()
+                if pid == 0:  # B, pid 1 of the new namespace
+                    code = _SETUP_FAILED
+                    try:
+                        code = _container_init(plan, cleanup.reports_fd, alive_w)
+                    except BaseException as exc:  # report, never unwind into the caller's code
+                        _report_exception(cleanup.reports_fd, exc)
+                    finally:
+                        os._exit(code)
+                cleanup.child = _Child(pid)
+        finally:
             os.close(alive_w)
-            raise
-        if pid == 0:  # B, pid 1 of the new namespace
-            code = _SETUP_FAILED
-            try:
-                code = _container_init(plan, cleanup.reports_fd, alive_w)
-            except BaseException as exc:  # report, never unwind into the caller's code
-                _report_exception(cleanup.reports_fd, exc)
-            finally:
-                os._exit(code)
-        cleanup.child = _Child(pid)
-        os.close(alive_w)
         code = cleanup.child.wait()
     finally:
         cleanup.run()
@@ -336,6 +339,34 @@ class _Cleanup:
             except OSError:
                 pass
             self.scratch = None
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Python signal handlers wait until the child is forked and recorded.
+
+    A KeyboardInterrupt raised in os.fork's at-fork hooks is swallowed and leaves
+    logging's module lock held (every later fork from another thread hangs), and
+    one raised between the fork and `_Child` would orphan B. Handlers only ever
+    run in the main thread, so only there is there anything to defer.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    saved: dict[int, Callable[..., Any]] = {}
+    for signum in _ALL_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, lambda n, frame: caught.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            saved[signum](signum, None)
 
 
 def _fork_into_new_pid_namespace() -> int:
@@ -538,9 +569,6 @@ def _container_init(plan: _Plan, report_fd: int, alive_fd: int) -> int:
             return _exit_code(status)
 
 
-_ALL_SIGNALS = tuple(signal.valid_signals())
-
-
 class _ExecFailed(Exception):
     def __init__(self, status: int) -> None:
         self.status = status
@@ -662,27 +690,39 @@ def _loopback_up() -> None:
 
 
 def _mount_overlay(plan: _Plan) -> None:
-    """The overlay root at plan.root: the new mount API if the kernel has "lowerdir+"."""
+    """The overlay root at plan.root."""
     spec = plan.spec
-    lowers = [str(p) for p in spec.lower_dirs] or [plan.scratch + "/empty"]
-    if spec.upper_dir is None and len(lowers) == 1:
-        lowers.append(plan.scratch + "/empty")  # overlay needs two lowers when there is no upper
     upper = None if spec.upper_dir is None else (str(spec.upper_dir), str(spec.work_dir))
+    mount_overlay([str(p) for p in spec.lower_dirs], upper, plan.root, plan.scratch, volatile=True)
+
+
+def mount_overlay(lowers: list[str], upper: tuple[str, str] | None, target: str, scratch: str,
+                  volatile: bool = False) -> None:
+    """Mount an overlay of `lowers` (top-most first) at target; read-only without `upper`
+    (upper, work). `scratch` is a private dir for helper entries. The new mount API when the
+    kernel has "lowerdir+" (no limit on layers), else mount(2) with short names."""
+    empty = os.path.join(scratch, "empty")
+    os.makedirs(empty, exist_ok=True)
+    lowers = list(lowers) or [empty]
+    if upper is None and len(lowers) == 1:
+        lowers.append(empty)  # overlay needs two lowers when there is no upper
     if _new_mount_api is not False:
         try:
-            _mount_overlay_fsopen(lowers, upper, plan.root)
+            _mount_overlay_fsopen(lowers, upper, target, volatile=volatile)
             return
         except _NoNewMountApi:
             if _new_mount_api:
                 raise OSError(errno.ENOSYS, "the kernel lacks overlay lowerdir+ (Linux 6.8)") from None
-    _mount_overlay_legacy(lowers, upper, plan)
+    _mount_overlay_legacy(lowers, upper, target, scratch, volatile)
 
 
 class _NoNewMountApi(Exception):
     pass
 
 
-def _mount_overlay_fsopen(lowers: list[str], upper: tuple[str, str] | None, target: str) -> None:
+def _mount_overlay_fsopen(lowers: list[str], upper: tuple[str, str] | None, target: str,
+                          volatile: bool = False) -> None:
+    """Overlay of `lowers` (top-most first) at target, read-only without `upper` (upper, work)."""
     try:
         fs = _syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC)
     except OSError as exc:
@@ -692,7 +732,8 @@ def _mount_overlay_fsopen(lowers: list[str], upper: tuple[str, str] | None, targ
         params = [("lowerdir+", p) for p in lowers]
         if upper is not None:
             params += [("upperdir", upper[0]), ("workdir", upper[1])]
-        for key, value in params + list(OVERLAY_OPTIONS):
+        options = list(OVERLAY_OPTIONS) + ([VOLATILE] if volatile and upper is not None else [])
+        for key, value in params + options:
             step = key
             if value is None:  # a flag
                 _syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_FLAG, key.encode(), None, 0)
@@ -725,25 +766,27 @@ def _kernel_log(fs: int) -> str:
     return "; ".join(line for line in lines if line)
 
 
-def _mount_overlay_legacy(lowers: list[str], upper: tuple[str, str] | None, plan: _Plan) -> None:
+def _mount_overlay_legacy(lowers: list[str], upper: tuple[str, str] | None, target: str, scratch: str,
+                          volatile: bool) -> None:
     """mount(2) takes one page of options: name every dir by a short symlink, relative to scratch."""
-    links = plan.scratch + "/l"
-    os.mkdir(links, 0o700)
+    links = tempfile.mkdtemp(prefix="l", dir=scratch)
+    short = os.path.basename(links)
     names = []
     for i, path in enumerate(lowers):
         os.symlink(path, f"{links}/{i}")
-        names.append(f"l/{i}")
+        names.append(f"{short}/{i}")
     data = "lowerdir=" + ":".join(names)
     if upper is not None:
         os.symlink(upper[0], links + "/u")
         os.symlink(upper[1], links + "/w")
-        data += ",upperdir=l/u,workdir=l/w"
-    data += "".join(f",{k}" if v is None else f",{k}={v}" for k, v in OVERLAY_OPTIONS)
+        data += f",upperdir={short}/u,workdir={short}/w"
+    options = list(OVERLAY_OPTIONS) + ([VOLATILE] if volatile and upper is not None else [])
+    data += "".join(f",{k}" if v is None else f",{k}={v}" for k, v in options)
     if len(data) >= 4096:
         raise OSError(errno.E2BIG, f"too many layers ({len(lowers)}) for mount(2) on this kernel")
-    os.chdir(plan.scratch)
+    os.chdir(scratch)
     try:
-        _mount("overlay", "root", "overlay", MS_RDONLY if upper is None else 0, data)
+        _mount("overlay", target, "overlay", MS_RDONLY if upper is None else 0, data)
     finally:
         os.chdir("/")
 
@@ -815,15 +858,13 @@ class _Stubs:
     def _create(self, sub: str, parent: str, is_dir: bool) -> None:
         full = self.root + "/" + sub
         on_overlay = os.stat(self.root + ("/" + parent if parent else "")).st_dev == self.root_dev
-        if on_overlay:
+        if on_overlay:  # reported before it exists: we may be killed right after creating it
             self._touch(parent)
-            upper_path = _join(self.upper or "", sub)
             try:
-                st = os.lstat(upper_path)
+                st = os.lstat(_join(self.upper or "", sub))
                 whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
             except FileNotFoundError:
                 whiteout = False
-        if on_overlay:  # reported first: we may be killed right after creating it
             self.created.add(sub)
             _send(self.fd, op="created", path=sub, whiteout=whiteout)
         if is_dir:

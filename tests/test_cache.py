@@ -251,3 +251,23 @@ def test_du_and_prune_never_touch_tagged_images(store, tmp_path):
     assert pybuild("prune", "--filter", "since=1h", store=store, check=False).returncode == 1
     pybuild("prune", "--all", store=store)
     assert ran(build(store, ctx)) == LAYER_STEPS  # nothing left to hit
+
+
+def test_two_builds_at_once_share_the_store_and_cache(store, tmp_path):
+    env = {**os.environ, "PYBUILD_ROOT": str(store), "PYTHONPATH": str(ROOT)}
+    contexts = []
+    for n in range(2):
+        ctx = make_context(tmp_path / f"ctx{n}")
+        (ctx / "Dockerfile").write_text(f"FROM busybox\nCOPY a.txt /a\nRUN echo {n} > /n && sleep 0.5\n"
+                                        f"COPY dir/ /d/\nRUN echo parallel-{n} >> /n\n")
+        contexts.append(ctx)
+    procs = [subprocess.Popen([sys.executable, "-m", "builder.cli", "build", "-q", "-t", f"par:{n}", str(ctx)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for n, ctx in enumerate(contexts)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    for n, ctx in enumerate(contexts):
+        assert pybuild("run", "--rm", f"par:{n}", "cat", "/n", store=store).stdout.decode() == f"{n}\nparallel-{n}\n"
+        out = pybuild("build", "--progress", "plain", "-t", f"par:{n}", str(ctx), store=store).stderr.decode()
+        assert out.count("CACHED") == 4

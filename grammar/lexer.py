@@ -527,8 +527,11 @@ class Scanner:
 
 
 def payload_token(kind: str, text: str, payload: object, line: int, end_line: int | None = None) -> PayloadToken:
-    token = PayloadToken(kind, text, line=line, end_line=end_line if end_line is not None else line)
-    token.payload = payload
+    # Token.__new__ costs more than the parse step itself; fill the slots directly.
+    token = str.__new__(PayloadToken, text)
+    token.type, token.value, token.payload = kind, text, payload
+    token.line, token.end_line = line, end_line if end_line is not None else line
+    token.start_pos = token.column = token.end_column = token.end_pos = None
     return token
 
 

@@ -1,6 +1,7 @@
 """`pybuild run`: a container from an image, in the same sandbox RUN uses."""
 from __future__ import annotations
 
+import os
 import shutil
 
 from builder import sandbox
@@ -12,6 +13,15 @@ from grammar.errors import PybuildError
 def container_argv(entrypoint: list[str] | None, cmd: list[str] | None, command: list[str]) -> list[str]:
     """Docker's rule: ENTRYPOINT + (the command given, else CMD)."""
     return list(entrypoint or []) + (command or list(cmd or []))
+
+
+def _stdin() -> int | None:
+    """Our stdin for the container when there is one (CI may start us with fd 0 closed)."""
+    try:
+        os.fstat(0)
+        return 0
+    except OSError:
+        return None
 
 
 def run_container(store: Store, ref: str, command: list[str], *, rm: bool = True, env: dict[str, str] | None = None,
@@ -31,7 +41,7 @@ def run_container(store: Store, ref: str, command: list[str], *, rm: bool = True
         spec = sandbox.SandboxSpec(lower_dirs=list(reversed(store.layer_dirs(image))), upper_dir=upper,
                                    work_dir=work, argv=argv, env=variables, cwd=workdir or cfg.working_dir or "/",
                                    user=user if user is not None else cfg.user, network=network,
-                                   hostname=image.id.split(":")[-1][:12], stdin=0)
+                                   hostname=image.id.split(":")[-1][:12], stdin=_stdin())
         return sandbox.run(spec)
     finally:
         if rm:

@@ -141,7 +141,10 @@ class Builder:
     def step(self, state: StageState, item: ins.AnyInstruction, graph: BuildGraph, built: dict[int, StageState],
              context: BuildContext, request: BuildRequest, identity: str, use_cache: bool) -> bool:
         """Run or reuse one instruction; True when its result came from the cache."""
-        if not isinstance(item, (ins.Run, ins.Copy, ins.Add)):
+        if isinstance(item, ins.Workdir):
+            self.dispatch(state, item, graph, built, context, request)  # sets WorkingDir
+            prepared = self.prepare_workdir(state)
+        elif not isinstance(item, (ins.Run, ins.Copy, ins.Add)):
             self.dispatch(state, item, graph, built, context, request)
             if isinstance(item, ins.Arg):
                 return False  # an ARG changes only what later steps read, and they key on that
@@ -156,8 +159,10 @@ class Builder:
                 self.index.record(StepResult(key, None, state.config.history[-1].created, created_by), None, None)
             state.key = key
             return False
-        prepared = self.prepare_run(state, item, graph, built, context, request) if isinstance(item, ins.Run) \
-            else self.prepare_copy(state, item, graph, built, context)
+        elif isinstance(item, ins.Run):
+            prepared = self.prepare_run(state, item, graph, built, context, request)
+        else:
+            prepared = self.prepare_copy(state, item, graph, built, context)
         try:
             key = step_key(state.key, item.name, prepared.inputs)
             record = {**prepared.record, "parent": state.key, "base": state.base_id,
@@ -209,6 +214,7 @@ class Builder:
         elif stage.is_scratch:
             host = host_platform()
             config = ImageConfig(architecture=host.architecture, os=host.os, variant=host.variant)
+            config.config.working_dir = "/"  # as BuildKit writes it for scratch
             layers = []
             base_id = f"scratch:{host}"
         else:
@@ -220,6 +226,8 @@ class Builder:
             config, layers = image.config.copy(), self.store.layer_dirs(image)
             base_id = image.id
         self.progress.step_done(title, 0.0)
+        if not any(e.startswith("PATH=") for e in config.config.env):
+            config.config.env.append(f"PATH={DEFAULT_PATH}")  # BuildKit gives every image a PATH
         for item in config.config.env:
             key, _, value = item.partition("=")
             scope.env[key] = value
@@ -271,7 +279,8 @@ class Builder:
         elif isinstance(item, ins.Workdir):
             path = x(item.path)
             cfg.working_dir = os.path.normpath(os.path.join(cfg.working_dir or "/", path)).replace("//", "/")
-            self.history(state, f"WORKDIR {cfg.working_dir}")
+            if state.stage is None:  # import --change: config only
+                self.history(state, f"WORKDIR {cfg.working_dir}")
         elif isinstance(item, ins.User):
             cfg.user = x(item.user)
             self.history(state, f"USER {cfg.user}")
@@ -333,6 +342,22 @@ class Builder:
         return list(state.config.config.shell or DEFAULT_SHELL) + [command.args[0]]
 
     # -- RUN -----------------------------------------------------------------------------
+
+    def prepare_workdir(self, state: StageState) -> Prepared:
+        """WORKDIR creates its directory (root-owned, 0755) when the image lacks it, as BuildKit."""
+        from builder.rootfs import in_rootfs
+
+        path = state.config.config.working_dir
+
+        def mkdir(root: Path) -> None:
+            from builder.rootfs import resolve_in_root
+
+            os.makedirs(resolve_in_root(root, path), mode=0o755, exist_ok=True)
+
+        def execute(upper: Path, work: Path) -> None:
+            in_rootfs(state.lowers, (upper, work), mkdir)
+
+        return Prepared({"workdir": path}, {}, f"WORKDIR {path}", execute)
 
     def prepare_run(self, state: StageState, item: ins.Run, graph: BuildGraph, built: dict[int, StageState],
                     context: BuildContext, request: BuildRequest) -> Prepared:

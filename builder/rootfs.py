@@ -120,27 +120,12 @@ def mount_stage_root(layers: list[Path], target: Path, readonly: bool) -> None:
 
 def resolve_in_root(root: Path, path: str) -> Path:
     """`path` inside `root`, following symlinks as if root were "/" (never leaving root)."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = root.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise PybuildError(f"too many levels of symbolic links resolving {path}")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return root.joinpath(*resolved)
+    from builder.sandbox import resolve_in_root as resolve
+
+    try:
+        return root / resolve(str(root), path)
+    except OSError as exc:  # a symlink loop in the image
+        raise PybuildError(f"cannot resolve {path} in the image: {exc.strerror}") from None
 
 
 def read_text_in_root(root: Path, path: str) -> str | None:

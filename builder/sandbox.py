@@ -791,7 +791,7 @@ def _mount_overlay_legacy(lowers: list[str], upper: tuple[str, str] | None, targ
         os.chdir("/")
 
 
-def _resolve(root: str, path: str) -> str:
+def resolve_in_root(root: str, path: str) -> str:
     """`path` inside `root` with every symlink followed as if root were "/" (relative, clean).
 
     Components past the first missing one are taken as written.
@@ -835,7 +835,7 @@ class _Stubs:
 
     def ensure(self, target: str, want_dir: bool) -> str | None:
         """Host path of the mount point for `target`; None if missing on a read-only root."""
-        rel = _resolve(self.root, target)
+        rel = resolve_in_root(self.root, target)
         parts = rel.split("/") if rel else []
         for i in range(len(parts)):
             sub = "/".join(parts[: i + 1])

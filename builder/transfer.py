@@ -20,7 +20,6 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from grammar.errors import PybuildError
 

@@ -236,3 +236,34 @@ def test_docker_loads_and_runs_what_pybuild_saved(store, tmp_path):
         assert out.stdout == "from-docker\n"
     finally:
         subprocess.run(["docker", "rmi", "-f", "pybuild-e2e/docker:1"], capture_output=True)
+
+
+def test_add_url_with_checksum(store, tmp_path):
+    import hashlib
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "tool.txt").write_text("downloaded\n")
+    digest = hashlib.sha256(b"downloaded\n").hexdigest()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(served))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tool.txt"
+    try:
+        build(store, tmp_path / "ok", f"FROM busybox\nADD --checksum=sha256:{digest} {url} /opt/\n", "-t", "url:1")
+        assert run(store, "url:1", "sh", "-c", "cat /opt/tool.txt; stat -c %a /opt/tool.txt") == "downloaded\n600\n"
+        bad = build(store, tmp_path / "bad", f"FROM busybox\nADD --checksum=sha256:{'0' * 64} {url} /opt/\n",
+                    check=False)
+        assert bad.returncode == 1 and "Dockerfile:2:" in bad.stderr.decode()
+        assert "checksum mismatch" in bad.stderr.decode()
+    finally:
+        server.shutdown()
+
+
+def test_predefined_platform_args(store, tmp_path):
+    build(store, tmp_path, "FROM busybox\nARG TARGETOS\nARG TARGETARCH\nARG BUILDPLATFORM\n"
+          "RUN echo $TARGETOS/$TARGETARCH $BUILDPLATFORM > /p\n", "-t", "plat:1")
+    out = run(store, "plat:1", "cat", "/p").split()
+    assert out[0].startswith("linux/") and out[1].startswith("linux/")

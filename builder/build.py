@@ -50,6 +50,7 @@ class BuildRequest:
     no_cache: bool = False
     no_cache_filter: tuple[str, ...] = ()
     network: str = "host"
+    source_date_epoch: int | None = None  # SOURCE_DATE_EPOCH: clamp times for reproducible images
 
 
 @dataclass
@@ -88,10 +89,16 @@ class Builder:
         self.index = index
         self.explain_misses = explain_misses
         self.digests = DigestMemo(index.load_digests if index else None)
+        self.epoch: int | None = None
+
+    def now(self) -> str:
+        """History times: the clock, or SOURCE_DATE_EPOCH for a reproducible build."""
+        return format_time(self.epoch)
 
     # -- whole build ------------------------------------------------------------------
 
     def build(self, request: BuildRequest) -> Image:
+        self.epoch = request.source_date_epoch
         result = parse_file(request.dockerfile)
         platform = host_platform()
         graph = build_graph(result, request.build_args, platform=str(platform),
@@ -108,6 +115,8 @@ class Builder:
             config.config.labels[key] = value
         # The newest step's time, not the clock: a rebuild from cache gives the same image id.
         config.created = max((h.created for h in config.history if h.created), default=config.created)
+        if self.epoch is not None:
+            config.created = format_time(self.epoch)
         if self.index is not None:
             self.index.save_digests(self.digests.pending)
             self.digests.pending = {}
@@ -232,7 +241,9 @@ class Builder:
             key, _, value = item.partition("=")
             scope.env[key] = value
         config.history = list(config.history)
-        return StageState(stage, config, layers, scope, key=base_id, base_id=base_id)
+        # Clamped layers differ from unclamped ones: the epoch is part of every key after the base.
+        key = base_id if self.epoch is None else f"{base_id}@epoch={self.epoch}"
+        return StageState(stage, config, layers, scope, key=key, base_id=base_id)
 
     def onbuild_triggers(self, state: StageState, graph: BuildGraph) -> list[ins.AnyInstruction]:
         """The base image's ONBUILD instructions, parsed as if written after FROM."""
@@ -331,7 +342,7 @@ class Builder:
             raise loc.error(f"{item.name} is not supported")
 
     def history(self, state: StageState, created_by: str, empty: bool = True) -> None:
-        state.config.history.append(HistoryEntry(created=format_time(), created_by=created_by,
+        state.config.history.append(HistoryEntry(created=self.now(), created_by=created_by,
                                                  comment="pybuild", empty_layer=empty))
 
     def command_argv(self, state: StageState, command: ins.Command) -> list[str]:
@@ -463,8 +474,9 @@ class Builder:
 
     def commit(self, state: StageState, upper: Path, created_by: str, key: str) -> StepResult:
         """The step's upper dir becomes a layer (none when the step changed nothing)."""
-        diff_id = None if not any(upper.iterdir()) else self.store.commit_layer_dir(upper).diff_id
-        result = StepResult(key, diff_id, format_time(), created_by)
+        diff_id = None if not any(upper.iterdir()) else \
+            self.store.commit_layer_dir(upper, clamp_mtime=self.epoch).diff_id
+        result = StepResult(key, diff_id, self.now(), created_by)
         self.apply_result(state, result)
         return result
 

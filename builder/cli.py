@@ -182,8 +182,10 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
             if not context_dir.is_dir():
                 raise PybuildError(f"context {context!r} is not a directory (give a directory, or - for a tar on stdin)")
         dockerfile_path = Path(dockerfile) if dockerfile else context_dir / "Dockerfile"
+        args = parse_build_args(build_args)
         request = BuildRequest(context=context_dir, dockerfile=dockerfile_path, tags=tags,
-                               build_args=parse_build_args(build_args), target=target,
+                               build_args=args, target=target,
+                               source_date_epoch=source_date_epoch(args),
                                labels=parse_key_values(labels, "--label"), no_cache=no_cache,
                                no_cache_filter=tuple(no_cache_filter),
                                network="host" if network == "default" else network)
@@ -206,6 +208,18 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
             click.echo(f"naming to {name}", err=True)
 
 
+def source_date_epoch(build_args: dict[str, str]) -> int | None:
+    """SOURCE_DATE_EPOCH from --build-arg or the environment (as BuildKit reads it)."""
+    import os
+
+    value = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH", ""))
+    if not value:
+        return None
+    if not value.isdigit():
+        raise PybuildError(f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970")
+    return int(value)
+
+
 def image_names(store, image) -> list[str]:
     return list(store.get_image(image.id).names)
 
@@ -222,14 +236,20 @@ def import_(tarball: str, name: str | None, changes, message: str, root) -> None
     from builder.archive import import_rootfs
     from builder.changes import config_tweak
 
+    from builder.image import format_time
+
     store = open_store(root)
     tweak = config_tweak(changes)
+    epoch = source_date_epoch({})
+    created = format_time(epoch) if epoch is not None else None
     if tarball == "-":
-        image = import_rootfs(store, sys.stdin.buffer, name, source="-", message=message, tweak=tweak)
+        image = import_rootfs(store, sys.stdin.buffer, name, source="-", message=message, tweak=tweak,
+                              created=created)
     else:
         try:
             with open(tarball, "rb") as stream:
-                image = import_rootfs(store, stream, name, source=tarball, message=message, tweak=tweak)
+                image = import_rootfs(store, stream, name, source=tarball, message=message, tweak=tweak,
+                                      created=created)
         except FileNotFoundError:
             raise PybuildError(f"{tarball}: no such file") from None
     click.echo(image.id)

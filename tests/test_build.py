@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,23 @@ def test_predefined_platform_args(store, tmp_path):
           "RUN echo $TARGETOS/$TARGETARCH $BUILDPLATFORM > /p\n", "-t", "plat:1")
     out = run(store, "plat:1", "cat", "/p").split()
     assert out[0].startswith("linux/") and out[1].startswith("linux/")
+
+
+def test_source_date_epoch_gives_the_same_image_in_two_stores(tmp_path, busybox_tar):
+    needs_root()
+    digests = []
+    for n in range(2):
+        root = tmp_path / f"store{n}"
+        os.environ["SOURCE_DATE_EPOCH"] = "1600000000"  # the base too: as if both pulled the same image
+        try:
+            pybuild("import", "--message", "base", str(busybox_tar), "busybox:latest", store=root)
+        finally:
+            del os.environ["SOURCE_DATE_EPOCH"]
+        dockerfile = "FROM busybox\nCOPY app.txt /app/\nRUN echo built > /app/out && mkdir /app/d\nCMD [\"true\"]\n"
+        build(root, tmp_path / f"elsewhere{n}" / "ctx", dockerfile, "-t", "repro:1",
+              "--build-arg", "SOURCE_DATE_EPOCH=1700000000", files={"app.txt": "same\n"})
+        info = inspect(root, "repro:1")
+        assert info["created"] == "2023-11-14T22:13:20Z"
+        digests.append((info["ManifestDigest"], info["Id"]))
+        time.sleep(1.1)  # a second build a second later: its file times differ before clamping
+    assert digests[0] == digests[1]

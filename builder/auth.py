@@ -56,6 +56,14 @@ def default_config_path() -> Path:
     return (Path(base) if base else Path.home() / ".docker") / "config.json"
 
 
+def registry_host(text: str) -> str:
+    """What `pybuild login X` names, as references spell it: `https://index.docker.io/v1/` is docker.io."""
+    host = _host_of(text.strip())
+    if not host:
+        raise PybuildError(f"invalid registry {text!r}: expected host[:port], e.g. registry.example.com:5000")
+    return "docker.io" if host in _HUB_ALIASES else host
+
+
 def config_key(registry: str) -> str:
     """The key Docker files a registry's login under (docker.io is the v1 index URL)."""
     return DOCKER_HUB_KEY if _host_of(registry) in _HUB_ALIASES else registry
@@ -290,7 +298,7 @@ def _token_access(token: str) -> list[dict[str, Any]] | None:
 @dataclass
 class _Token:
     value: str
-    expires: float
+    expires: float  # when to fetch a new one (a little before the server's expiry)
 
 
 class Authenticator:
@@ -345,7 +353,7 @@ class Authenticator:
             lock = self._scope_locks.setdefault(key, threading.Lock())
         with lock:  # one token request per scope set, even with several workers asking at once
             token = self._tokens.get(key)
-            if token is None or token.expires < time.time() + 10:
+            if token is None or token.expires < time.time():
                 token = self._tokens[key] = self._fetch_token(key)
         return {"Authorization": f"Bearer {token.value}"}
 
@@ -380,7 +388,8 @@ class Authenticator:
         if not isinstance(value, str) or not value:
             raise PybuildError(f"the token server of registry {self.registry} ({self._realm}) sent no token; "
                                "the registry's auth service is misconfigured")
-        return _Token(value, time.time() + max(lifetime, 10))
+        lifetime = max(lifetime, 1.0)
+        return _Token(value, time.time() + lifetime - min(10.0, lifetime / 4))  # renewed a little before it ends
 
     # ----------------------------------------------------------------- explanations
 
@@ -420,5 +429,5 @@ def _describe_scopes(scopes: tuple[str, ...]) -> str:
     return " and ".join(parts)
 
 
-__all__ = ["Credentials", "Authenticator", "Challenge", "default_config_path", "config_key", "get_credentials",
-           "login", "logout", "parse_challenges", "repository_scope", "DOCKER_HUB_KEY"]
+__all__ = ["Credentials", "Authenticator", "Challenge", "default_config_path", "config_key", "registry_host",
+           "get_credentials", "login", "logout", "parse_challenges", "repository_scope", "DOCKER_HUB_KEY"]

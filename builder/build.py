@@ -51,6 +51,10 @@ class BuildRequest:
     no_cache_filter: tuple[str, ...] = ()
     network: str = "host"
     source_date_epoch: int | None = None  # SOURCE_DATE_EPOCH: clamp times for reproducible images
+    pull: bool = False  # check the registry for a newer base even when one is in the store
+    platform: str | None = None  # for pulling bases (pybuild runs RUN natively: the host's by default)
+    insecure_registries: tuple[str, ...] = ()
+    ca_cert: str | None = None
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Builder:
         self.explain_misses = explain_misses
         self.digests = DigestMemo(index.load_digests if index else None)
         self.epoch: int | None = None
+        self.insecure: tuple[str, ...] = ()
+        self.ca_cert: str | None = None
 
     def now(self) -> str:
         """History times: the clock, or SOURCE_DATE_EPOCH for a reproducible build."""
@@ -99,6 +105,7 @@ class Builder:
 
     def build(self, request: BuildRequest) -> Image:
         self.epoch = request.source_date_epoch
+        self.insecure, self.ca_cert = request.insecure_registries, request.ca_cert
         result = parse_file(request.dockerfile)
         platform = host_platform()
         graph = build_graph(result, request.build_args, platform=str(platform),
@@ -227,11 +234,7 @@ class Builder:
             layers = []
             base_id = f"scratch:{host}"
         else:
-            image = self.store.find_image(stage.base)
-            if image is None:
-                raise stage.from_.loc.error(
-                    f"image {stage.base!r} is not in the store ({self.store.root}): import a root "
-                    "file system with `pybuild import ROOTFS.tar NAME` or load one with `pybuild load -i FILE`")
+            image = self.base_image(stage, request)
             config, layers = image.config.copy(), self.store.layer_dirs(image)
             base_id = image.id
         self.progress.step_done(title, 0.0)
@@ -244,6 +247,28 @@ class Builder:
         # Clamped layers differ from unclamped ones: the epoch is part of every key after the base.
         key = base_id if self.epoch is None else f"{base_id}@epoch={self.epoch}"
         return StageState(stage, config, layers, scope, key=key, base_id=base_id)
+
+    def base_image(self, stage: Stage, request: BuildRequest) -> Image:
+        """The FROM image: from the store, pulled when missing (or when --pull finds a newer one)."""
+        from builder import registry
+
+        local = registry.find_local(self.store, stage.base)
+        if local is not None and not request.pull:
+            return local
+        options = {"insecure": request.insecure_registries, "ca_file": request.ca_cert}
+        platform = stage.platform or request.platform
+        try:
+            if local is not None:  # --pull: only fetch when the registry has something else
+                remote = registry.inspect_remote(stage.base, platform=platform, **options)
+                if registry.find_local(self.store, f"{remote.reference.name}@{remote.digest}") is not None:
+                    return local
+            self.progress.note(f"pulling {stage.base}")
+            return registry.pull(self.store, stage.base, platform=platform, progress=self.progress.note, **options)
+        except PybuildError as exc:
+            hint = "" if local is not None else (
+                " (no such image in the store either: pull it, `pybuild import ROOTFS.tar NAME` or "
+                "`pybuild load -i FILE`)")
+            raise stage.from_.loc.error(f"cannot get {stage.base}: {exc.message}{hint}") from None
 
     def onbuild_triggers(self, state: StageState, graph: BuildGraph) -> list[ins.AnyInstruction]:
         """The base image's ONBUILD instructions, parsed as if written after FROM."""
@@ -606,9 +631,17 @@ class Builder:
         other = graph.find(ref)
         if other is not None:
             return list(reversed(built[other.index].layers)), built[other.index].key
-        image = self.store.find_image(ref)
+        from builder import registry
+
+        image = registry.find_local(self.store, ref)
         if image is None:
-            raise loc.error(f"--from={ref}: no stage or image named {ref!r} in the store")
+            try:
+                self.progress.note(f"pulling {ref}")
+                image = registry.pull(self.store, ref, progress=self.progress.note,
+                                      insecure=self.insecure, ca_file=self.ca_cert)
+            except PybuildError as exc:
+                raise loc.error(f"--from={ref}: no stage of that name, and the image could not be pulled: "
+                                f"{exc.message}") from None
         return list(reversed(self.store.layer_dirs(image))), image.id
 
     def chown(self, state: StageState, spec: str, loc: ins.Location) -> tuple[int, int]:

@@ -127,6 +127,14 @@ root_option = click.option("--root", envvar="PYBUILD_ROOT", default=None, metava
                            help="Store location (default /var/lib/pybuild for root).")
 
 
+def registry_options(fn):
+    """--insecure-registry and --ca-cert, shared by every command that talks to registries."""
+    fn = click.option("--ca-cert", default=None, type=click.Path(dir_okay=False, exists=True),
+                      help="Trust this CA certificate for TLS registries.")(fn)
+    return click.option("--insecure-registry", multiple=True, metavar="HOST",
+                        help="Use plain HTTP for this registry (localhost and 127.0.0.1 always do).")(fn)
+
+
 def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
     out = {}
     for item in values:
@@ -155,9 +163,19 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
               help="How to show progress (on stderr).")
 @click.option("--network", type=click.Choice(["host", "none", "default"]), default="host",
               help="Network for RUN steps (default host).")
+@click.option("-o", "--output", "outputs", multiple=True, metavar="type=TYPE,dest=PATH",
+              help="Also write the image: type=oci|docker|tar|local, dest=PATH (- for stdout); "
+                   "type=image,push=true pushes.")
+@click.option("--push", "push_after", is_flag=True, help="Push every -t name after the build.")
+@click.option("--pull", is_flag=True, help="Check the registry for newer base images.")
+@click.option("--platform", default=None, metavar="OS/ARCH", help="Platform of base images to pull.")
+@click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip",
+              help="Layer compression for --push.")
+@registry_options
 @root_option
 def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache_filter, explain, labels,
-          iidfile, quiet, progress_mode, network, root) -> None:
+          iidfile, quiet, progress_mode, network, outputs, push_after, pull, platform, compression, insecure_registry,
+          ca_cert, root) -> None:
     """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
     import shutil
 
@@ -166,8 +184,11 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
     from builder.progress import Progress
     from cache.index import CacheIndex
 
+    from builder.outputs import parse_output, write_output
+
     for tag in tags:
         parse_reference(tag)  # reject bad names before doing any work
+    wanted = [parse_output(o) for o in outputs]
     store = open_store(root)
     cleanup = None
     try:
@@ -185,7 +206,8 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
         args = parse_build_args(build_args)
         request = BuildRequest(context=context_dir, dockerfile=dockerfile_path, tags=tags,
                                build_args=args, target=target,
-                               source_date_epoch=source_date_epoch(args),
+                               source_date_epoch=source_date_epoch(args), pull=pull, platform=platform,
+                               insecure_registries=tuple(insecure_registry), ca_cert=ca_cert,
                                labels=parse_key_values(labels, "--label"), no_cache=no_cache,
                                no_cache_filter=tuple(no_cache_filter),
                                network="host" if network == "default" else network)
@@ -198,9 +220,24 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
     finally:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
+    image = store.get_image(image.id)  # now with the names it was tagged with
+    for output in wanted:
+        write_output(store, image, output)
+    pushes = list(tags) if push_after else []
+    pushes += [o.name or t for o in wanted if o.type == "image" and o.push for t in (tags or [image.id])]
+    if pushes:
+        from builder import registry
+
+        for name in dict.fromkeys(pushes):
+            digest = registry.push(store, image, name, compression=compression, insecure=insecure_registry,
+                                   ca_file=ca_cert, progress=None if quiet else lambda m: click.echo(m, err=True))
+            if not quiet:
+                click.echo(f"pushed {name}@{digest}", err=True)
     if iidfile:
         Path(iidfile).write_text(image.id)
-    if quiet:
+    if any(o.dest == "-" for o in wanted):
+        pass  # stdout carries the archive
+    elif quiet:
         click.echo(image.id)
     else:
         click.echo(f"writing image {image.id}", err=True)
@@ -325,6 +362,72 @@ def history(ref, no_trunc, root) -> None:
     for created, by, size in reversed(rows):
         shown = by if no_trunc or len(by) <= 70 else by[:67] + "..."
         click.echo(f"{created:20} {human_size(size):>8}  {shown}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--platform", default=None, metavar="OS/ARCH", help="Which image of a multi-platform index.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@registry_options
+@root_option
+def pull(ref, platform, quiet, insecure_registry, ca_cert, root) -> None:
+    """Download an image from a registry into the store."""
+    from builder import registry
+
+    store = open_store(root)
+    image = registry.pull(store, ref, platform=platform, insecure=insecure_registry, ca_file=ca_cert,
+                          progress=None if quiet else lambda m: click.echo(m, err=True))
+    click.echo(image.id)
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("dest", required=False)
+@click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip", help="Layer compression.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@registry_options
+@root_option
+def push(ref, dest, compression, quiet, insecure_registry, ca_cert, root) -> None:
+    """Upload an image to a registry (DEST defaults to the image's name)."""
+    from builder import registry
+
+    store = open_store(root)
+    digest = registry.push(store, ref, dest, compression=compression, insecure=insecure_registry, ca_file=ca_cert,
+                           progress=None if quiet else lambda m: click.echo(m, err=True))
+    click.echo(digest)
+
+
+@main.command()
+@click.argument("server", default="docker.io")
+@click.option("-u", "--username", required=True)
+@click.option("-p", "--password", default=None, help="Prefer --password-stdin: arguments show in ps.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@registry_options
+def login(server, username, password, password_stdin, insecure_registry, ca_cert) -> None:
+    """Check credentials against a registry and save them in ~/.docker/config.json."""
+    from builder import auth, registry
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise PybuildError("no password: give --password-stdin (recommended) or -p")
+    host = auth.registry_host(server)
+    registry.check_login(host, auth.Credentials(username, password), insecure=insecure_registry, ca_file=ca_cert)
+    path = auth.login(host, username, password)
+    click.echo(f"Login Succeeded (credentials saved in {path})")
+
+
+@main.command()
+@click.argument("server", default="docker.io")
+def logout(server) -> None:
+    """Remove saved credentials for a registry."""
+    from builder import auth
+
+    host = auth.registry_host(server)
+    if auth.logout(host):
+        click.echo(f"Removing login credentials for {host}")
+    else:
+        click.echo(f"Not logged in to {host}")
 
 
 @main.command()

@@ -39,10 +39,10 @@ from grammar.errors import PybuildError
 
 from . import auth
 from .image import (
-    INDEX_TYPES, MANIFEST_TYPES, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_ZSTD,
-    MEDIA_OCI_MANIFEST, DEFAULT_REGISTRY, Descriptor, Index, Manifest, Platform, Reference, host_platform, parse_config, parse_index, parse_manifest, parse_reference, serialize_manifest, sha256_digest,
-    short_id,
+    DEFAULT_REGISTRY, INDEX_TYPES, MANIFEST_TYPES, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST, MEDIA_OCI_CONFIG, MEDIA_OCI_INDEX, MEDIA_OCI_LAYER, MEDIA_OCI_LAYER_GZIP,
+    MEDIA_OCI_LAYER_ZSTD, MEDIA_OCI_MANIFEST, Descriptor, Index, Manifest, Platform, Reference, host_platform,
+    parse_config, parse_index, parse_manifest, parse_reference, serialize_manifest, sha256_digest, short_id,
 )
 from .store import Image, Store
 from .transfer import FileRange, HttpClient, Response, RetryPolicy, describe_error, is_transient, tls_context
@@ -114,7 +114,8 @@ def parse_platform(value: str | Platform | None) -> Platform:
         return value
     parts = value.strip().lower().split("/")
     if len(parts) not in (2, 3) or not all(parts):
-        raise PybuildError(f"invalid platform {value!r}: expected os/arch[/variant], e.g. linux/amd64 or linux/arm64/v8")
+        raise PybuildError(f"invalid platform {value!r}: expected os/arch[/variant], "
+                           "e.g. linux/amd64 or linux/arm64/v8")
     arch = _ARCH_ALIASES.get(parts[1], parts[1])
     return Platform(parts[0], arch, parts[2] if len(parts) == 3 else "")
 
@@ -126,7 +127,8 @@ def select_platform(index: Index, want: Platform, what: str) -> Descriptor:
         candidates = [d for d in index.manifests if d.media_type in MANIFEST_TYPES + INDEX_TYPES or not d.media_type]
         if candidates:
             return candidates[0]
-    same = [d for d in entries if d.platform and (d.platform.os, d.platform.architecture) == (want.os, want.architecture)]
+    same = [d for d in entries
+            if d.platform and (d.platform.os, d.platform.architecture) == (want.os, want.architecture)]
     exact = [d for d in same if d.platform and d.platform.variant == want.variant]
     loose = [d for d in same if d.platform and not d.platform.variant]
     if want.architecture == "arm64":  # arm64 is v8 unless said otherwise, as Docker normalises it
@@ -213,8 +215,8 @@ class BlobMemo:
             obj = self._load()
             change(obj)
             obj["blobs"] = {d: b for d, b in obj["blobs"].items()
-                            if isinstance(b, dict) and store.has_blob(str(b.get("diff_id")))}
-            obj["images"] = {r: i for r, i in obj["images"].items() if isinstance(i, str) and store.has_blob(i)}
+                            if isinstance(b, dict) and _has(store, b.get("diff_id"))}
+            obj["images"] = {r: i for r, i in obj["images"].items() if _has(store, i)}
             staging = store.temp_dir("memo")
             tmp = staging / MEMO_FILE
             with open(tmp, "w", encoding="utf-8") as f:
@@ -223,6 +225,13 @@ class BlobMemo:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             staging.rmdir()
+
+
+def _has(store: Store, digest: object) -> bool:
+    try:
+        return isinstance(digest, str) and store.has_blob(digest)
+    except PybuildError:  # not a digest: a damaged memo entry
+        return False
 
 
 def find_local(store: Store, ref: str) -> Image | None:
@@ -275,9 +284,10 @@ class Registry:
 
     def __init__(self, registry: str, *, insecure: Iterable[str] = (), ca_file: str | os.PathLike[str] | None = None,
                  credentials: auth.Credentials | None = None, auth_file: Path | None = None,
-                 retry: RetryPolicy | None = None, timeout: float = 60.0) -> None:
+                 retry: RetryPolicy | None = None, timeout: float = 60.0, base_url: str | None = None) -> None:
+        """`registry` as in references (docker.io, host:port); `base_url` overrides where its API is (a mirror)."""
         self.name = registry
-        self.base = api_base(registry, insecure)
+        self.base = (base_url or api_base(registry, insecure)).rstrip("/")
         self.retry = retry or RetryPolicy()
         self.http = HttpClient(ssl_context=tls_context(ca_file), retry=self.retry, timeout=timeout)
         creds = credentials if credentials is not None else auth.get_credentials(registry, auth_file)
@@ -355,9 +365,12 @@ class Registry:
 
     def get_manifest(self, repository: str, reference: str) -> ManifestBlob:
         """A manifest or index by tag or digest, checked against the digest that names or announces it."""
-        resp = self.request("GET", f"/v2/{repository}/manifests/{reference}", scopes=(auth.repository_scope(repository, "pull"),),
+        if ":" in reference and not reference.startswith("sha256:"):
+            raise PybuildError(f"digest {reference} uses an algorithm pybuild does not check; use a sha256 digest")
+        resp = self.request("GET", f"/v2/{repository}/manifests/{reference}",
+                            scopes=(auth.repository_scope(repository, "pull"),),
                             headers={"Accept": MANIFEST_ACCEPT}, max_body=_MANIFEST_MAX)
-        where = f"{self.name}/{repository}:{reference}" if ":" not in reference else f"{self.name}/{repository}@{reference}"
+        where = f"{self.name}/{repository}" + (f"@{reference}" if ":" in reference else f":{reference}")
         if resp.status == 404:
             raise PybuildError(f"{where} not found ({_error_text(resp)}); check the name and tag")
         if resp.status != 200:
@@ -368,8 +381,6 @@ class Registry:
         if expected.startswith("sha256:") and expected != digest:
             raise PybuildError(f"manifest {where} is corrupt: it hashes to {digest}, not {expected}; nothing was "
                                "stored. Try again; if it persists, the registry or a proxy damages data")
-        if reference.startswith("sha") and not reference.startswith("sha256:"):
-            raise PybuildError(f"digest {reference} uses an algorithm pybuild does not check; use a sha256 digest")
         media = resp.header("Content-Type").split(";")[0].strip()
         try:
             body_media = json.loads(data).get("mediaType")
@@ -446,6 +457,8 @@ class Registry:
                         raise _mismatch(what, desc.digest, where, got, desc.size, "")
                     h.update(chunk)
                     out.write(chunk)
+                if got < desc.size:  # http.client's read(n) returns b"" at a premature end instead of raising
+                    raise http.client.IncompleteRead(b"", desc.size - got)
                 break
             except PybuildError:
                 raise
@@ -606,8 +619,7 @@ def inspect_remote(ref: str, *, platform: str | Platform | None = None, insecure
 def check_login(registry: str, credentials: auth.Credentials, *, insecure: Iterable[str] = (),
                 ca_file: str | os.PathLike[str] | None = None) -> None:
     """Raise PybuildError unless registry accepts the credentials (before auth.login saves them)."""
-    name = parse_reference(f"{registry}/x").registry if "/" not in registry else registry
-    with Registry(name, insecure=insecure, ca_file=ca_file, credentials=credentials) as reg:
+    with Registry(auth.registry_host(registry), insecure=insecure, ca_file=ca_file, credentials=credentials) as reg:
         reg.check_login()
 
 
@@ -632,7 +644,7 @@ def _run_parallel(jobs: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))), thread_name_prefix="registry") as ex:
         futures: list[Future[Any]] = [ex.submit(job) for job in jobs]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f for f in futures if f.done() and f.exception() is not None), None)
         if failed is not None:
             for f in futures:
@@ -799,9 +811,11 @@ def push(store: Store, image_ref: str | Image, dest_ref: str | None = None, *, c
         raise PybuildError(f"unknown compression {compression!r}: use gzip or zstd")
     image = store.get_image(image_ref)
     if dest_ref is None:
-        if isinstance(image_ref, Image) or not image.names:
-            raise PybuildError("name where to push the image (registry/repository:tag)")
-        dest_ref = str(image_ref)
+        found = store.resolve(image_ref) if isinstance(image_ref, str) else None
+        if found is None or found[1] is None:
+            raise PybuildError(f"say where to push {image_ref if isinstance(image_ref, str) else image.short_id}: "
+                               "name the image by its registry/repository:tag or give a destination")
+        dest_ref = found[1]
     dest = parse_reference(dest_ref)
     if dest.digest is not None:
         raise PybuildError(f"cannot push to {dest_ref}: a digest names content, not a place; push to name:tag")

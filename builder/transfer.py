@@ -252,10 +252,13 @@ class HttpClient:
                 return Response(raw.status, raw.headers, url, None, raw,
                                 lambda: self._drop(parts.scheme, parts.netloc))
             length = raw.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_body:
+            if method != "HEAD" and length is not None and length.isdigit() and int(length) > max_body:
                 raise PybuildError(f"{url} answered with {length} bytes, more than the {max_body} expected; "
                                    "the registry sent something else than asked for")
             data = raw.read(max_body + 1)
+            bodyless = method == "HEAD" or raw.status in (204, 304)
+            if not bodyless and length is not None and length.isdigit() and len(data) < int(length):
+                raise http.client.IncompleteRead(data, int(length) - len(data))  # read(n) does not raise it
             if len(data) > max_body:
                 raise PybuildError(f"{url} answered with more than {max_body} bytes; the registry sent "
                                    "something else than asked for")

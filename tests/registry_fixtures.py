@@ -25,6 +25,7 @@ import secrets
 import shutil
 import socket
 import socketserver
+import ssl
 import subprocess
 import threading
 import time
@@ -58,9 +59,10 @@ def _b64url(data: bytes) -> str:
 class RegistryServer:
     """One docker-registry process with its own storage and config."""
 
-    def __init__(self, workdir: Path, auth: dict | None = None) -> None:
+    def __init__(self, workdir: Path, auth: dict | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.workdir = workdir
         self.auth = auth
+        self.tls = tls  # (certificate, key): serve HTTPS
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "registry.log"
@@ -82,6 +84,8 @@ class RegistryServer:
             }
             if self.auth:
                 config["auth"] = self.auth
+            if self.tls:
+                config["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
             path = self.workdir / "config.yml"
             path.write_text(json.dumps(config, indent=1))  # JSON is YAML
             with open(self.log, "ab") as log:
@@ -99,7 +103,8 @@ class RegistryServer:
             if self.proc.poll() is not None:
                 return False
             try:
-                conn = http.client.HTTPConnection(self.host, timeout=2)
+                conn = (http.client.HTTPSConnection(self.host, timeout=2, context=ssl._create_unverified_context())
+                        if self.tls else http.client.HTTPConnection(self.host, timeout=2))
                 conn.request("GET", "/v2/")
                 status = conn.getresponse().status
                 conn.close()
@@ -445,6 +450,18 @@ def store_blobs_intact(root: Path) -> list[str]:
         if h.hexdigest() != p.name:
             bad.append(p.name)
     return bad
+
+
+def make_tls_cert(workdir: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for IP 127.0.0.1 (openssl CLI): (certificate, key)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl CLI is not installed")
+    cert, key = workdir / "tls.crt", workdir / "tls.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def htpasswd_line(user: str, password: str) -> str:

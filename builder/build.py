@@ -55,6 +55,8 @@ class BuildRequest:
     platform: str | None = None  # for pulling bases (pybuild runs RUN natively: the host's by default)
     insecure_registries: tuple[str, ...] = ()
     ca_cert: str | None = None
+    secrets: dict[str, bytes] = field(default_factory=dict)  # --secret id -> value (never in a key or layer)
+    ssh: dict[str, str] = field(default_factory=dict)  # --ssh id -> agent socket path
 
 
 @dataclass
@@ -404,14 +406,15 @@ class Builder:
         build_env = {k: v for k, v in state.scope.args.items() if k not in env}
         proxies = {p: request.build_args[p] for p in PROXY_ARGS if p in request.build_args and p not in build_env}
         network = item.network or request.network
-        mounts = [self.run_mount(state, m, graph, built, context, item.loc) for m in item.mounts]
+        mounts = [self.run_mount(state, m, graph, built, context, request, item.loc) for m in item.mounts]
+        secret_env = {k: v for _, _, extra in mounts for k, v in extra.items()}
         shown_args = {k: v for k, v in sorted(build_env.items()) if k not in PROXY_ARGS}
         prefix = f"|{len(shown_args)} " + "".join(f"{k}={v} " for k, v in shown_args.items()) if shown_args else ""
 
         def execute(upper: Path, work: Path) -> None:
             from builder import sandbox  # imported when needed: a fully cached build never runs anything
 
-            extra = [m for m, _ in mounts]
+            extra = [m for m, _, _ in mounts if m is not None]
             if script is not None:  # beside the layer dirs, outside the upper dir: never in the layer
                 path = upper.parent / f"script-{script[0]}"
                 path.write_text(script[1])
@@ -421,7 +424,7 @@ class Builder:
             try:
                 spec = sandbox.SandboxSpec(
                     lower_dirs=state.lowers, upper_dir=upper, work_dir=work, argv=argv,
-                    env={**env, **build_env, **proxies}, cwd=cfg.working_dir or "/", user=cfg.user,
+                    env={**env, **build_env, **proxies, **secret_env}, cwd=cfg.working_dir or "/", user=cfg.user,
                     network="none" if network == "none" else "host", mounts=extra,
                     stdout=write_fd, stderr=write_fd)
                 code = self.progress.run_with_output(lambda: sandbox.run(spec), read_fd, write_fd)
@@ -434,7 +437,7 @@ class Builder:
         # Proxies reach the command but neither the key nor the history, as in docker build.
         inputs = {"argv": argv, "script": script, "env": env, "args": build_env, "cwd": cfg.working_dir,
                   "user": cfg.user,
-                  "network": network, "mounts": [key for _, key in mounts], "security": item.security}
+                  "network": network, "mounts": [key for _, key, _ in mounts], "security": item.security}
         record = {"args": build_env, "env": env}
         return Prepared(inputs, record, f"RUN {prefix}{' '.join(argv)}", execute)
 
@@ -455,14 +458,15 @@ class Builder:
         return shell + [text], None
 
     def run_mount(self, state: StageState, mount: ins.MountSpec, graph: BuildGraph, built: dict[int, StageState],
-                  context: BuildContext, loc: ins.Location) -> tuple["sandbox.Mount", dict]:
-        """The sandbox mount for a RUN --mount, and what of it enters the cache key."""
+                  context: BuildContext, request: BuildRequest, loc: ins.Location
+                  ) -> tuple["sandbox.Mount | None", dict, dict[str, str]]:
+        """The sandbox mount for a RUN --mount, what of it enters the cache key, and env it sets."""
         from builder import sandbox
 
         x = lambda w: state.scope.expand(w, graph.escape, loc)  # noqa: E731
         target = x(mount.target)
         if mount.type == "tmpfs":
-            return sandbox.Mount("tmpfs", target), {"type": "tmpfs", "target": target}
+            return sandbox.Mount("tmpfs", target), {"type": "tmpfs", "target": target}, {}
         if mount.type == "cache":
             if mount.from_:
                 raise loc.error("RUN --mount=type=cache,from=... is not supported yet: drop from=")
@@ -476,7 +480,7 @@ class Builder:
                 os.chmod(path, mount.mode)
             # A cache mount's contents never enter the key: it is a cache, not an input.
             return sandbox.Mount("bind", target, path, mount.readonly), {"type": "cache", "target": target,
-                                                                          "id": ident}
+                                                                          "id": ident}, {}
         if mount.type == "bind":
             if mount.from_:
                 from builder.rootfs import mount_stage_root, resolve_in_root
@@ -489,13 +493,40 @@ class Builder:
                     raise loc.error(f"--mount from={mount.from_}: {mount.source or '/'} does not exist there")
                 return sandbox.Mount("bind", target, source, mount.readonly), {
                     "type": "bind", "target": target, "readonly": mount.readonly, "from": source_id,
-                    "source": mount.source}
+                    "source": mount.source}, {}
             matches = context.resolve_sources([x(mount.source) or "."], allow_wildcards=False, instruction="RUN")
             lines, _ = self.source_digest(context, matches[0])
             return sandbox.Mount("bind", target, matches[0].abs_path, mount.readonly), {
-                "type": "bind", "target": target, "readonly": mount.readonly, "content": tree_digest(lines)}
-        raise loc.error(f"RUN --mount=type={mount.type} is not supported yet (no secrets or ssh agent "
-                        "forwarding): remove it or pass the value as a build arg")
+                "type": "bind", "target": target, "readonly": mount.readonly, "content": tree_digest(lines)}, {}
+        if mount.type == "secret":
+            # As BuildKit: the value is neither in the key nor in the layer; a missing optional one is skipped.
+            ident = x(mount.id)
+            value = request.secrets.get(ident)
+            key = {"type": "secret", "id": ident, "target": target, "env": mount.env}
+            if value is None:
+                if mount.required:
+                    raise loc.error(f"secret {ident!r} is required: pass it with --secret id={ident},src=FILE "
+                                    f"or --secret id={ident},env=VARIABLE")
+                return None, key, {}
+            if mount.env and not mount.target:
+                return None, key, {mount.env: value.decode(errors="replace")}
+            path = self.store.temp_dir("secret") / "value"
+            path.write_bytes(value)
+            os.chown(path, mount.uid or 0, mount.gid or 0)
+            path.chmod(mount.mode if mount.mode is not None else 0o400)
+            extra_env = {mount.env: value.decode(errors="replace")} if mount.env else {}
+            return sandbox.Mount("bind", target, path, True), key, extra_env
+        if mount.type == "ssh":
+            ident = x(mount.id) or "default"
+            socket = request.ssh.get(ident)
+            key = {"type": "ssh", "id": ident, "target": target}
+            if socket is None:
+                if mount.required:
+                    raise loc.error(f"ssh agent {ident!r} is required: pass --ssh {ident} (uses $SSH_AUTH_SOCK) "
+                                    f"or --ssh {ident}=/path/to/agent.sock")
+                return None, key, {}
+            return sandbox.Mount("bind", target, Path(socket), False), key, {"SSH_AUTH_SOCK": target}
+        raise loc.error(f"RUN --mount=type={mount.type} is not supported")
 
     def commit(self, state: StageState, upper: Path, created_by: str, key: str) -> StepResult:
         """The step's upper dir becomes a layer (none when the step changed nothing)."""

@@ -167,6 +167,10 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
               help="Also write the image: type=oci|docker|tar|local, dest=PATH (- for stdout); "
                    "type=image,push=true pushes.")
 @click.option("--push", "push_after", is_flag=True, help="Push every -t name after the build.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID[,src=FILE|,env=VAR]",
+              help="A secret for RUN --mount=type=secret (never stored in the image or cache).")
+@click.option("--ssh", "ssh", multiple=True, metavar="ID[=SOCKET]",
+              help="An ssh agent for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK).")
 @click.option("--pull", is_flag=True, help="Check the registry for newer base images.")
 @click.option("--platform", default=None, metavar="OS/ARCH", help="Platform of base images to pull.")
 @click.option("--compression", type=click.Choice(["gzip", "zstd"]), default="gzip",
@@ -174,8 +178,8 @@ def parse_key_values(values: tuple[str, ...], flag: str) -> dict[str, str]:
 @registry_options
 @root_option
 def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache_filter, explain, labels,
-          iidfile, quiet, progress_mode, network, outputs, push_after, pull, platform, compression, insecure_registry,
-          ca_cert, root) -> None:
+          iidfile, quiet, progress_mode, network, outputs, push_after, secrets, ssh, pull, platform, compression,
+          insecure_registry, ca_cert, root) -> None:
     """Build an image from a Dockerfile and a context directory (`-` reads a tar from stdin)."""
     import shutil
 
@@ -208,6 +212,7 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
                                build_args=args, target=target,
                                source_date_epoch=source_date_epoch(args), pull=pull, platform=platform,
                                insecure_registries=tuple(insecure_registry), ca_cert=ca_cert,
+                               secrets=parse_secrets(secrets), ssh=parse_ssh(ssh),
                                labels=parse_key_values(labels, "--label"), no_cache=no_cache,
                                no_cache_filter=tuple(no_cache_filter),
                                network="host" if network == "default" else network)
@@ -243,6 +248,45 @@ def build(context: str, tags, dockerfile, build_args, target, no_cache, no_cache
         click.echo(f"writing image {image.id}", err=True)
         for name in image_names(store, image):
             click.echo(f"naming to {name}", err=True)
+
+
+def parse_secrets(values: tuple[str, ...]) -> dict[str, bytes]:
+    """`id=x,src=FILE` / `id=x,env=VAR` / `id=x` (the variable x, else the file x), as buildx reads them."""
+    import os
+
+    secrets: dict[str, bytes] = {}
+    for item in values:
+        fields = dict(part.partition("=")[::2] for part in item.split(","))
+        ident = fields.get("id", "")
+        if not ident:
+            raise PybuildError(f"--secret {item!r}: give id=NAME and src=FILE or env=VARIABLE")
+        source = fields.get("src") or fields.get("source")
+        env = fields.get("env")
+        if source is None and env is None:
+            env, source = ident, ident if ident not in os.environ else None
+        if env is not None and env in os.environ:
+            secrets[ident] = os.environ[env].encode()
+        elif source is not None:
+            try:
+                secrets[ident] = Path(source).expanduser().read_bytes()
+            except OSError as exc:
+                raise PybuildError(f"--secret {item!r}: cannot read {source}: {exc.strerror}") from None
+        else:
+            raise PybuildError(f"--secret {item!r}: the environment variable {env} is not set")
+    return secrets
+
+
+def parse_ssh(values: tuple[str, ...]) -> dict[str, str]:
+    import os
+
+    agents: dict[str, str] = {}
+    for item in values:
+        ident, _, socket = item.partition("=")
+        socket = socket or os.environ.get("SSH_AUTH_SOCK", "")
+        if not socket or not Path(socket).exists():
+            raise PybuildError(f"--ssh {item!r}: no agent socket (start ssh-agent or give ID=/path/to/socket)")
+        agents[ident or "default"] = socket
+    return agents
 
 
 def source_date_epoch(build_args: dict[str, str]) -> int | None:

@@ -288,3 +288,21 @@ def test_source_date_epoch_gives_the_same_image_in_two_stores(tmp_path, busybox_
         digests.append((info["ManifestDigest"], info["Id"]))
         time.sleep(1.1)  # a second build a second later: its file times differ before clamping
     assert digests[0] == digests[1]
+
+
+def test_secrets_reach_run_but_never_the_image(store, tmp_path, monkeypatch):
+    (tmp_path / "token.txt").write_text("s3cr3t-file")
+    monkeypatch.setenv("API_TOKEN", "s3cr3t-env")
+    dockerfile = ("FROM busybox\n"
+                  "RUN --mount=type=secret,id=tok cat /run/secrets/tok > /seen-file\n"
+                  "RUN --mount=type=secret,id=api,env=API cat /dev/null && echo $API > /seen-env\n"
+                  "RUN --mount=type=secret,id=absent true\n")
+    build(store, tmp_path / "ctx", dockerfile, "-t", "sec:1", "--secret", f"id=tok,src={tmp_path / 'token.txt'}",
+          "--secret", "id=api,env=API_TOKEN")
+    assert run(store, "sec:1", "cat", "/seen-file", "/seen-env") == "s3cr3t-files3cr3t-env\n"
+    assert run(store, "sec:1", "sh", "-c", "ls /run/secrets 2>&1 || true").strip() in ("", "ls: /run/secrets: No such file or directory")
+    info = json.dumps(inspect(store, "sec:1"))
+    assert "s3cr3t" not in info
+    missing = build(store, tmp_path / "ctx2", "FROM busybox\nRUN --mount=type=secret,id=must,required=true true\n",
+                    check=False)
+    assert missing.returncode == 1 and b"secret 'must' is required" in missing.stderr

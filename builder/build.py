@@ -22,7 +22,8 @@ from cache.digests import DigestMemo, file_sha256
 from cache.explain import explain
 from cache.index import CacheIndex, StepResult
 from cache.keys import entry_line, step_key, tree_digest
-from builder.image import Healthcheck, HistoryEntry, ImageConfig, config_to_dict, format_time, host_platform
+from builder.image import HistoryEntry, ImageConfig, config_to_dict, format_time, host_platform
+from builder.metadata import DEFAULT_PATH, DEFAULT_SHELL, apply_instruction
 from builder.progress import Progress
 from builder.store import Image, Store
 from grammar import instructions as ins
@@ -35,8 +36,6 @@ from grammar.shell import expand
 if TYPE_CHECKING:
     from builder import sandbox
 
-DEFAULT_SHELL = ["/bin/sh", "-c"]
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -160,10 +159,10 @@ class Builder:
              context: BuildContext, request: BuildRequest, identity: str, use_cache: bool) -> bool:
         """Run or reuse one instruction; True when its result came from the cache."""
         if isinstance(item, ins.Workdir):
-            self.dispatch(state, item, graph, built, context, request)  # sets WorkingDir
+            apply_instruction(state.config, state.scope, item, graph.escape, state)  # history: the layer step's
             prepared = self.prepare_workdir(state)
         elif not isinstance(item, (ins.Run, ins.Copy, ins.Add)):
-            self.dispatch(state, item, graph, built, context, request)
+            self.dispatch(state, item, graph.escape)
             if isinstance(item, ins.Arg):
                 return False  # an ARG changes only what later steps read, and they key on that
             # The container config after the step (not the history: it holds times).
@@ -291,93 +290,15 @@ class Builder:
 
     # -- one instruction -------------------------------------------------------------------
 
-    def dispatch(self, state: StageState, item: ins.AnyInstruction, graph: BuildGraph,
-                 built: dict[int, StageState], context: BuildContext, request: BuildRequest) -> None:
-        cfg = state.config.config
-        escape = graph.escape
-        scope = state.scope
-        loc = item.loc
-
-        def x(word: str) -> str:
-            return scope.expand(word, escape, loc)
-
-        if isinstance(item, ins.Env):
-            pairs = [(x(k), x(v)) for k, v in item.pairs]
-            for key, value in pairs:
-                scope.env[key] = value
-                cfg.env = [e for e in cfg.env if e.partition("=")[0] != key] + [f"{key}={value}"]
-            self.history(state, "ENV " + " ".join(f"{k}={v}" for k, v in pairs))
-        elif isinstance(item, ins.Arg):
-            for name, default in item.args:
-                scope.declare_arg(name, default, escape, loc)
-        elif isinstance(item, ins.Label):
-            pairs = [(x(k), x(v)) for k, v in item.pairs]
-            cfg.labels.update(pairs)
-            self.history(state, "LABEL " + " ".join(f"{k}={v}" for k, v in pairs))
-        elif isinstance(item, ins.Workdir):
-            path = x(item.path)
-            cfg.working_dir = os.path.normpath(os.path.join(cfg.working_dir or "/", path)).replace("//", "/")
-            if state.stage is None:  # import --change: config only
-                self.history(state, f"WORKDIR {cfg.working_dir}")
-        elif isinstance(item, ins.User):
-            cfg.user = x(item.user)
-            self.history(state, f"USER {cfg.user}")
-        elif isinstance(item, ins.Expose):
-            for word in item.ports:
-                for port in scope.expand_full(word, escape, loc).words:
-                    port = port if "/" in port else port + "/tcp"
-                    if port not in cfg.exposed_ports:
-                        cfg.exposed_ports.append(port)
-            self.history(state, "EXPOSE " + " ".join(cfg.exposed_ports))
-        elif isinstance(item, ins.Volume):
-            for path in item.paths:
-                path = x(path)
-                if not path:
-                    raise loc.error("VOLUME specified can not be an empty string")
-                if path not in cfg.volumes:
-                    cfg.volumes.append(path)
-            self.history(state, "VOLUME " + str(list(cfg.volumes)))
-        elif isinstance(item, ins.Stopsignal):
-            cfg.stop_signal = x(item.signal)
-            self.history(state, f"STOPSIGNAL {cfg.stop_signal}")
-        elif isinstance(item, ins.Maintainer):
-            state.config.author = item.maintainer
-            self.history(state, f"MAINTAINER {item.maintainer}")
-        elif isinstance(item, ins.Cmd):
-            cfg.cmd = self.command_argv(state, item.command)
-            state.inherited_cmd = False
-            self.history(state, f"CMD {cfg.cmd}")
-        elif isinstance(item, ins.Entrypoint):
-            cfg.entrypoint = self.command_argv(state, item.command)
-            if state.inherited_cmd:
-                cfg.cmd = None  # docker: an ENTRYPOINT resets a CMD inherited from the base
-            self.history(state, f"ENTRYPOINT {cfg.entrypoint}")
-        elif isinstance(item, ins.Shell):
-            cfg.shell = list(item.argv)
-            self.history(state, f"SHELL {cfg.shell}")
-        elif isinstance(item, ins.Healthcheck):
-            if item.test == ("NONE",):
-                cfg.healthcheck = Healthcheck(test=["NONE"])
-            else:
-                cfg.healthcheck = Healthcheck(list(item.test), item.interval, item.timeout, item.start_period,
-                                              item.start_interval, item.retries)
-            self.history(state, f"HEALTHCHECK {' '.join(item.test)}")
-        elif isinstance(item, ins.Onbuild):
-            cfg.on_build.append(item.expression)
-            self.history(state, f"ONBUILD {item.expression}")
-        else:  # pragma: no cover - RUN/COPY/ADD go through Builder.step
-            raise loc.error(f"{item.name} is not supported")
+    def dispatch(self, state: StageState, item: ins.AnyInstruction, escape: str) -> None:
+        """A metadata instruction: the config changes, a history entry records it."""
+        created_by = apply_instruction(state.config, state.scope, item, escape, state)
+        if created_by is not None:
+            self.history(state, created_by)
 
     def history(self, state: StageState, created_by: str, empty: bool = True) -> None:
         state.config.history.append(HistoryEntry(created=self.now(), created_by=created_by,
                                                  comment="pybuild", empty_layer=empty))
-
-    def command_argv(self, state: StageState, command: ins.Command) -> list[str]:
-        if command.exec_form:
-            return list(command.args)
-        if not command.args:
-            return []
-        return list(state.config.config.shell or DEFAULT_SHELL) + [command.args[0]]
 
     # -- RUN -----------------------------------------------------------------------------
 
@@ -750,19 +671,3 @@ def _stage_title(stage: Stage) -> str:
 def _describe(item: ins.AnyInstruction) -> str:
     text = " ".join(item.loc.source.split()) if item.loc.source else item.name
     return text if len(text) <= 100 else text[:97] + "..."
-
-
-def apply_metadata(config: ImageConfig, items: list[ins.AnyInstruction]) -> ImageConfig:
-    """Metadata instructions applied to a config outside a build (import --change)."""
-    from builder.progress import Progress
-
-    config = config.copy()
-    stage = None
-    scope = Scope({}, {})
-    scope.env.update(dict(e.partition("=")[::2] for e in config.config.env))
-    state = StageState(stage, config, [], scope)  # type: ignore[arg-type]
-    builder = Builder(None, Progress("quiet"))  # type: ignore[arg-type]
-    graph = BuildGraph((), (), {})
-    for item in items:
-        builder.dispatch(state, item, graph, {}, None, None)  # type: ignore[arg-type]
-    return state.config

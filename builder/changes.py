@@ -31,8 +31,25 @@ def config_tweak(changes: tuple[str, ...] | list[str]) -> Callable[[ImageConfig]
         items.extend(converted)
 
     def apply(config: ImageConfig) -> ImageConfig:
-        from builder.build import apply_metadata
+        from dataclasses import dataclass
 
-        return apply_metadata(config, items)
+        from builder.image import HistoryEntry, format_time
+        from builder.metadata import apply_instruction
+        from grammar.dag import Scope
+
+        @dataclass
+        class Origin:
+            inherited_cmd: bool = True
+
+        config = config.copy()
+        scope = Scope({}, {})
+        scope.env.update(dict(e.partition("=")[::2] for e in config.config.env))
+        origin = Origin()
+        for item in items:
+            created_by = apply_instruction(config, scope, item, "\\", origin)
+            if created_by is not None:
+                config.history.append(HistoryEntry(created=format_time(), created_by=created_by,
+                                                   comment="pybuild import --change", empty_layer=True))
+        return config
 
     return apply

@@ -509,7 +509,8 @@ def _read_full(stream, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _decompressed(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
+def decompress(stream: BinaryIO) -> tuple[BinaryIO, str | None]:
+    """(a reader of the uncompressed bytes, the compression found: gzip/bzip2/xz/zstd or None)."""
     head = _read_full(stream, 6)
     src = _Prefixed(head, stream)
     kind = _compression(head)
@@ -532,7 +533,7 @@ class _DigestReader:
     """The uncompressed tar stream, hashed as the tar reader pulls it through."""
 
     def __init__(self, stream: BinaryIO) -> None:
-        self._raw, self._kind = _decompressed(stream)
+        self._raw, self._kind = decompress(stream)
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -592,7 +593,7 @@ def is_archive(path: Path) -> bool:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
         with open(path, "rb") as f:
-            block = _read_full(_decompressed(f)[0], 512)
+            block = _read_full(decompress(f)[0], 512)
     except (*_DECOMPRESS_ERRORS, ValueError):
         return False
     if len(block) < 512 or block == bytes(512):

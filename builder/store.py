@@ -25,13 +25,10 @@ its copy); index.json read-modify-write happens under the store lock.
 """
 from __future__ import annotations
 
-import bz2
 import errno
 import fcntl
-import gzip
 import hashlib
 import io
-import lzma
 import os
 import re
 import secrets
@@ -160,23 +157,6 @@ class _Hashing(_Reader):
         return data
 
 
-class _Prefixed(_Reader):
-    """Puts back the magic bytes read to sniff the compression."""
-
-    def __init__(self, prefix: bytes, src: BinaryIO) -> None:
-        self._prefix = prefix
-        self._src = src
-
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
-        if self._prefix:
-            if n is None or n < 0:
-                data, self._prefix = self._prefix + self._src.read(), b""
-                return data
-            data, self._prefix = self._prefix[:n], self._prefix[n:]
-            return data
-        return self._src.read(n)
-
-
 class _Tee(_Reader):
     """Copies what is read into a writer: the uncompressed layer tar into its blob."""
 
@@ -195,23 +175,9 @@ class _Tee(_Reader):
 
 def decompressed(stream: BinaryIO) -> BinaryIO:
     """The stream itself, or a decompressing reader if it starts with gzip/bzip2/xz/zstd magic."""
-    head = b""
-    while len(head) < 6:
-        more = stream.read(6 - len(head))
-        if not more:
-            break
-        head += more
-    src: BinaryIO = _Prefixed(head, stream)  # type: ignore[assignment]
-    if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=src, mode="rb")  # type: ignore[return-value]
-    if head.startswith(b"BZh"):
-        return bz2.BZ2File(src)  # type: ignore[return-value]
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(src)  # type: ignore[return-value]
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)  # type: ignore[return-value]
-    return src
+    from .snapshot import decompress
+
+    return decompress(stream)[0]
 
 
 def _fsync_dir(path: Path) -> None:

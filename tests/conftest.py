@@ -50,3 +50,26 @@ def busybox_tar(busybox_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) 
 def needs_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root for namespaces and overlay mounts")
+
+
+def pybuild(*args: str, store: Path, cwd: Path | None = None, input: bytes | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: a new process, the store in PYBUILD_ROOT."""
+    import sys
+
+    env = {**os.environ, "PYBUILD_ROOT": str(store), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, cwd=cwd, env=env,
+                         input=input)
+    if check and out.returncode != 0:
+        raise AssertionError(f"pybuild {' '.join(args)} failed ({out.returncode}):\n"
+                             f"{out.stdout.decode(errors='replace')}\n{out.stderr.decode(errors='replace')}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Path:
+    """A store of the test module's own, holding busybox:latest."""
+    needs_root()
+    root = tmp_path_factory.mktemp("store")
+    pybuild("import", str(busybox_tar), "busybox:latest", store=root)
+    return root

@@ -5,35 +5,18 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import needs_root
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import needs_root, pybuild
 
 
-def pybuild(*args: str, store: Path, cwd: Path | None = None, input: bytes | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYBUILD_ROOT": str(store), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "builder.cli", *args], capture_output=True, cwd=cwd, env=env,
-                         input=input)
-    if check and out.returncode != 0:
-        raise AssertionError(f"pybuild {' '.join(args)} failed ({out.returncode}):\n"
-                             f"{out.stdout.decode(errors='replace')}\n{out.stderr.decode(errors='replace')}")
-    return out
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, busybox_tar) -> Path:
-    needs_root()
-    root = tmp_path_factory.mktemp("store")
-    pybuild("import", str(busybox_tar), "busybox:latest", store=root)
-    return root
+
 
 
 def build(store: Path, ctx: Path, dockerfile: str, *args: str, files: dict[str, str] | None = None,

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_build import ROOT, inspect, pybuild
+from conftest import ROOT, pybuild
+from test_build import inspect
 
 DOCKERFILE = """\
 FROM busybox
@@ -30,14 +31,6 @@ CMD ["cat", "/all"]
 """
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, busybox_tar) -> Path:
-    from conftest import needs_root
-
-    needs_root()
-    root = tmp_path_factory.mktemp("cache-store")
-    pybuild("import", str(busybox_tar), "busybox:latest", store=root)
-    return root
 
 
 def make_context(path: Path) -> Path:

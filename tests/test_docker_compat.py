@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from test_build import pybuild
+from conftest import pybuild
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "Dockerfiles"
 SPECS = {p.parent.name: json.loads(p.read_text()) for p in sorted(EXAMPLES.glob("*/expect.json"))}

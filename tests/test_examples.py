@@ -6,21 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from test_build import inspect, pybuild
+from conftest import pybuild
+from test_build import inspect
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "Dockerfiles"
 SPECS = {p.parent.name: json.loads(p.read_text()) for p in sorted(EXAMPLES.glob("*/expect.json"))}
 TAGS = {spec["tag"]: name for name, spec in SPECS.items()}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, busybox_tar) -> Path:
-    from conftest import needs_root
-
-    needs_root()
-    root = tmp_path_factory.mktemp("examples-store")
-    pybuild("import", str(busybox_tar), "busybox:latest", store=root)
-    return root
 
 
 def build_example(store: Path, name: str, tag: str, build_args: dict, target: str | None) -> None:

@@ -6,23 +6,15 @@ import shutil
 import subprocess
 import tarfile
 import uuid
-from pathlib import Path
 
 import pytest
 
-from test_build import build, docker_available, inspect, pybuild, run
+from conftest import pybuild
+from test_build import build, docker_available, inspect, run
 
 pytest_plugins = ("registry_fixtures",)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, busybox_tar) -> Path:
-    from conftest import needs_root
-
-    needs_root()
-    root = tmp_path_factory.mktemp("registry-cli-store")
-    pybuild("import", str(busybox_tar), "busybox:latest", store=root)
-    return root
 
 
 def repo(registry, name: str = "app") -> str:

@@ -769,20 +769,42 @@ class _HashingReader:
         return data
 
 
-def compress_layer(store: Store, diff_id: str, compression: str, dest: Path) -> tuple[str, int]:
-    """Compress a stored layer tar into dest: (digest, size). gzip is zlib level 6; zstd uses all cores.
+GZIP_MEMBER = 4 << 20  # bytes of tar per gzip member: big enough that members cost ~nothing in size
 
-    Both are deterministic (gzip header without name or time), so the memo stays valid.
+
+def _gzip_member(data: bytes) -> bytes:
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)  # zlib releases the GIL: members compress in parallel
+    return z.compress(data) + z.flush()
+
+
+def _gzip_parallel(src: Any, out: Any) -> None:
+    """gzip as a sequence of members (RFC 1952 allows several; every gzip reader, Go's included,
+    reads them as one stream), like pigz: one member per core at a time, written in order."""
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[Future[bytes]] = []
+        while True:
+            data = src.read(GZIP_MEMBER)
+            if data:
+                pending.append(pool.submit(_gzip_member, data))
+            if pending and (len(pending) > workers or not data):
+                out.write(pending.pop(0).result())
+            if not data and not pending:
+                break
+
+
+def compress_layer(store: Store, diff_id: str, compression: str, dest: Path) -> tuple[str, int]:
+    """Compress a stored layer tar into dest: (digest, size). Both use all cores: gzip as
+    independent members (level 6) compressed side by side, zstd with its own threads.
+
+    Both are deterministic (gzip headers without name or time), so the memo stays valid.
     """
     size = store.blob_size(diff_id)
     with store.open_blob(diff_id) as raw, open(dest, "wb") as f:
         src = _HashingReader(raw)
         out = _HashingFile(f)
         if compression == "gzip":
-            z = zlib.compressobj(6, zlib.DEFLATED, 31)
-            while chunk := src.read(_CHUNK):
-                out.write(z.compress(chunk))
-            out.write(z.flush())
+            _gzip_parallel(src, out)
         elif compression == "zstd":
             import zstandard
             cctx = zstandard.ZstdCompressor(level=3, threads=-1, write_content_size=True, write_checksum=True)

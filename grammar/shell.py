@@ -324,19 +324,23 @@ class _Lexer:
         # BuildKit says "unsupported modifier (\uFFFD)" at the end; say what is wrong.
         raise _Fail(f"unsupported modifier ({ch}) in substitution" if ch else "syntax error: missing '}'")
 
+    def until_closing(self, stop: str, raw_escapes: bool, missing: str) -> str:
+        """The text up to `stop`; running out of input first fails with `missing`."""
+        try:
+            return self.until(stop, raw_escapes)[0]
+        except _Fail:
+            if not self.peek():
+                raise _Fail(missing) from None
+            raise
+
     def modified(self, name: str, op: str) -> str:
         """``${name<op>word}`` for op in ``- + ? # %`` and their ``:`` forms."""
         null_is_unset = op == ":"
         if null_is_unset:
             op += self.next()
         modifier = op[-1]
-        try:
-            # #/% keep escapes so that the pattern can tell \* from *.
-            word, _ = self.until("}", modifier in "#%")
-        except _Fail:
-            if not self.peek():
-                raise _Fail("syntax error: missing '}'") from None
-            raise
+        # #/% keep escapes so that the pattern can tell \* from *.
+        word = self.until_closing("}", modifier in "#%", "syntax error: missing '}'")
 
         value, found = self.lookup(name)
         if not found and self.keep_unset:
@@ -364,18 +368,8 @@ class _Lexer:
         replace_all = self.peek() == "/"
         if replace_all:
             self.next()
-        try:
-            pattern, _ = self.until("/", True)
-        except _Fail:
-            if not self.peek():
-                raise _Fail("syntax error: missing '/' in ${}") from None
-            raise
-        try:
-            replacement, _ = self.until("}", True)
-        except _Fail:
-            if not self.peek():
-                raise _Fail("syntax error: missing '}'") from None
-            raise
+        pattern = self.until_closing("/", True, "syntax error: missing '/' in ${}")
+        replacement = self.until_closing("}", True, "syntax error: missing '}'")
 
         value, found = self.lookup(name)
         if not found and self.keep_unset:

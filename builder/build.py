@@ -541,7 +541,7 @@ class Builder:
                 for match in context.resolve_sources([value], instruction=item.name):
                     archive = False
                     if isinstance(item, ins.Add) and item.unpack is not False and not match.is_dir:
-                        from builder.snapshot import is_archive
+                        from builder.tarstream import is_archive
 
                         archive = is_archive(match.abs_path)
                     lines, found = self.source_digest(context, match, excludes)

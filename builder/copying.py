@@ -63,7 +63,7 @@ def apply_copy(root: Path, plan: CopyPlan, **extra_roots: Path) -> int:
                                                plan.owner, plan.chmod), **extra_roots)
             continue
         if source.kind == "archive":
-            from builder.snapshot import unpack_archive_into
+            from builder.unpack import unpack_archive_into
 
             _makedirs(dest_path, plan.owner)
             with open(source.host_path, "rb") as stream:

@@ -86,9 +86,10 @@ def _write_local(store: Store, image: Image, dest: Path) -> None:
     import tempfile
 
     from builder import snapshot
+    from builder.unpack import unpack_archive_into
 
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile() as tar:
         snapshot.export_rootfs(store.layer_dirs(image), tar)
         tar.seek(0)
-        snapshot.unpack_archive_into(tar, dest)
+        unpack_archive_into(tar, dest)

@@ -175,7 +175,7 @@ class _Tee(_Reader):
 
 def decompressed(stream: BinaryIO) -> BinaryIO:
     """The stream itself, or a decompressing reader if it starts with gzip/bzip2/xz/zstd magic."""
-    from .snapshot import decompress
+    from .tarstream import decompress
 
     return decompress(stream)[0]
 
@@ -459,7 +459,7 @@ class Store:
         """
         if diff_id is not None and (known := self.get_layer(diff_id)) is not None:
             return known
-        from . import snapshot
+        from .unpack import unpack_layer_tar
         staging = self.temp_dir("layer")
         try:
             raw = _Hashing(stream)
@@ -467,7 +467,7 @@ class Store:
             (staging / "root").mkdir(mode=0o755)
             with self.blob_writer(expected=diff_id) as w:
                 tee = _Tee(plain, w)
-                snapshot.unpack_layer_tar(tee, staging / "root")  # type: ignore[arg-type]
+                unpack_layer_tar(tee, staging / "root")  # type: ignore[arg-type]
                 tee.drain()  # tar readers may stop at the end-of-archive marker; the blob needs all bytes
                 raw.drain()
                 if digest is not None and "sha256:" + raw.hash.hexdigest() != digest:
@@ -499,12 +499,12 @@ class Store:
 
     def _restore_layer_dir(self, diff_id: str) -> Path:
         """Unpack a layer dir from its blob (after EXDEV, or if the dir was lost)."""
-        from . import snapshot
+        from .unpack import unpack_layer_tar
         staging = self.temp_dir("layer")
         try:
             (staging / "root").mkdir(mode=0o755)
             with self.open_blob(diff_id) as f:
-                snapshot.unpack_layer_tar(f, staging / "root")
+                unpack_layer_tar(f, staging / "root")
             final = self.root / "layers" / digest_hex(diff_id)
             try:
                 os.rename(staging / "root", final)

@@ -20,12 +20,11 @@ import zstandard
 from builder.snapshot import (
     LayerInfo,
     export_rootfs,
-    is_archive,
     merged_tree,
-    unpack_archive_into,
-    unpack_layer_tar,
     write_layer_tar,
 )
+from builder.tarstream import is_archive
+from builder.unpack import unpack_archive_into, unpack_layer_tar
 from grammar.errors import PybuildError
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chown, mknod and trusted.* xattrs")

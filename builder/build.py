@@ -503,7 +503,7 @@ class Builder:
         from_ = getattr(item, "from_", None)
         excludes = [x(e) for e in item.excludes]
         wildcard = False
-        tmp = self.store.temp_dir("add")
+        downloads: list[Path] = []  # a temp dir only when an ADD downloads something
         source_id = None
         if from_:
             layers, source_id = self.source_root(x(from_), graph, built, loc)
@@ -528,7 +528,9 @@ class Builder:
                     continue
                 value = x(word)
                 if isinstance(item, ins.Add) and _is_url(value):
-                    fetched = self.fetch(value, item, tmp)
+                    if not downloads:
+                        downloads.append(self.store.temp_dir("add"))
+                    fetched = self.fetch(value, item, downloads[0])
                     sources.append(fetched)
                     keys.append({"url": value, "sha256": file_sha256(fetched.host_path)})
                     continue
@@ -575,7 +577,7 @@ class Builder:
                   "parents": item.parents, "link": item.link}
         record = {"files": files, "source": source_id, "env": dict(e.partition("=")[::2] for e in cfg.env)}
         return Prepared(inputs, record, f"{item.name} {' '.join(item.sources)} {item.dest}", execute,
-                        lambda: shutil.rmtree(tmp, ignore_errors=True))
+                        lambda: [shutil.rmtree(d, ignore_errors=True) for d in downloads])
 
     def source_root(self, ref: str, graph: BuildGraph, built: dict[int, StageState],
                     loc: ins.Location) -> tuple[list[Path], str]:

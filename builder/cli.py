@@ -24,6 +24,10 @@ class PybuildGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("pybuild: interrupted", err=True)
             ctx.exit(130)
+        except OSError as exc:  # disk full, permissions, a path that is not there: the user's to fix
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"pybuild: error: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(EXIT_USER_ERROR)
 
 
 @click.group(cls=PybuildGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -46,7 +46,6 @@ class Usage:
     unreferenced_bytes: int = 0  # layers nothing keeps: reclaimable at once
     cache_mount_bytes: int = 0
     total_bytes: int = 0
-    details: dict = field(default_factory=dict)
 
 
 def _tree_size(path: Path) -> int:

@@ -36,7 +36,6 @@ class DigestMemo:
         self._stored: dict[str, str] | None = None  # read from the database on first use
         self._load = load
         self.pending: dict[str, str] = {}
-        self.reads = 0
 
     def digest(self, path: str, st: os.stat_result) -> str:
         if self._stored is None:
@@ -45,7 +44,6 @@ class DigestMemo:
         found = self._stored.get(key) or self._memory.get(key)
         if found is None:
             found = file_sha256(path)
-            self.reads += 1
             self._memory[key] = found
             self.pending[key] = found
         return found

@@ -17,9 +17,6 @@ from grammar.errors import PybuildError
 from grammar.parser import ParseResult
 from grammar.shell import ShellError, expand
 
-# Platform args BuildKit defines in the global scope without a declaration.
-PLATFORM_ARGS = ("TARGETPLATFORM", "TARGETOS", "TARGETARCH", "TARGETVARIANT",
-                 "BUILDPLATFORM", "BUILDOS", "BUILDARCH", "BUILDVARIANT")
 # Proxy args reach RUN without an ARG line and are kept out of the image history.
 PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy",
               "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
